@@ -1,0 +1,201 @@
+"""`dod <stage>`: one command per pipeline stage, each writing exactly its declared outputs.
+
+Every command reads the same params.yaml (plus optional overlays) and validates it whole before
+doing any work. Paths come from dodlib.pipeline, so Snakemake, DVC and a person at a shell all
+run the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import pipeline as P
+from .config import ConfigError, Params, load_params
+
+log = logging.getLogger("dod")
+
+
+def _load(args) -> Params:
+    return load_params(args.params, args.overlay or ())
+
+
+def _device(args):
+    import torch
+
+    if args.device:
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- stage commands ---------------------------------------------------------------------------
+
+
+def cmd_prepare_data(args) -> None:
+    from .data import prepare_data
+
+    params = _load(args)
+    prepare_data(params.base.data, P.data_dir())
+
+
+def cmd_extract_latents(args) -> None:
+    from .io import save_json
+    from .latents import extract_latents
+    from .tokenizers import build_tokenizer
+
+    params = _load(args)
+    exp = params.base
+    tokenizer = build_tokenizer(exp.tokenizer, _device(args))
+    summary = {}
+    for split in ("train", "val"):
+        meta = extract_latents(tokenizer, exp.data, exp.tokenizer, f"{P.data_dir()}/{split}", f"{P.latents_dir()}/{split}")
+        summary[split] = {k: meta[k] for k in ("num_latents", "latent_shape", "channel_mean", "channel_std")}
+    save_json(f"{P.latents_dir()}/summary.json", summary)
+
+
+def cmd_train_features(args) -> None:
+    from .metrics.feature_net import train_feature_net_stage
+
+    params = _load(args)
+    train_feature_net_stage(params.base, P.data_dir(), P.features_dir(), device=_device(args))
+
+
+def cmd_reference_stats(args) -> None:
+    from .metrics.evaluate import reference_stats_stage
+
+    params = _load(args)
+    reference_stats_stage(params.base, P.data_dir(), P.features_dir(), P.reference_dir(), device=_device(args))
+
+
+def cmd_train(args) -> None:
+    from .train import EXIT_PREEMPTED, Preempted, train
+
+    params = _load(args)
+    exp = params.experiment(args.experiment)
+    if exp.weights_from:
+        raise ConfigError(f"experiments.{exp.name}.weights_from: this experiment does not train")
+    try:
+        train(exp, f"{P.latents_dir()}/train", P.train_dir(exp.name), P.state_dir("train", exp.name),
+              stop_after_images=args.stop_after_images)
+    except Preempted as err:
+        log.warning("%s", err)
+        sys.exit(EXIT_PREEMPTED)
+
+
+def cmd_sample(args) -> None:
+    from .sample import PriorCache, RealPriors, sample_stage
+    from .tokenizers import build_tokenizer
+
+    params = _load(args)
+    exp = params.experiment(args.experiment)
+    k = args.stage
+    if not 1 <= k <= exp.stages.count:
+        raise ConfigError(f"--stage {k}: experiments.{exp.name} has stages 1..{exp.stages.count}")
+    prior = None
+    if k >= 2:
+        if k == 2 and exp.sample.prior_source == "real":
+            prior = RealPriors(f"{P.latents_dir()}/val")
+        else:
+            prior = PriorCache(P.stage_dir(exp.name, k - 1))
+    device = _device(args)
+    sample_stage(exp, k, P.weights_path(exp.trainer), P.stage_dir(exp.name, k), P.state_dir("sample", exp.name, k),
+                 build_tokenizer(exp.tokenizer, device), prior=prior, batch_size=args.batch_size, device=device)
+
+
+def cmd_evaluate(args) -> None:
+    from .metrics.evaluate import evaluate_stage
+
+    params = _load(args)
+    exp = params.experiment(args.experiment)
+    evaluate_stage(exp, args.stage, P.stage_dir(exp.name, args.stage), P.reference_dir(), P.features_dir(),
+                   P.metrics_path(exp.name, args.stage), device=_device(args))
+
+
+def cmd_report(args) -> None:
+    from .report import build_report
+
+    params = _load(args)
+    build_report(params, Path(P.RESULTS))
+
+
+def cmd_dvc_yaml(args) -> None:
+    params = _load(args)
+    text = P.dvc_yaml(params)
+    target = Path(args.output)
+    if args.check:
+        current = target.read_text() if target.exists() else ""
+        if current != text:
+            sys.exit(f"{target} is stale: run `dod dvc-yaml` to regenerate it from dodlib/pipeline.py")
+        print(f"{target} is up to date")
+        return
+    from .io import atomic_path
+
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+    print(f"wrote {target} ({len(P.stages(params))} stages)")
+
+
+def cmd_validate(args) -> None:
+    params = _load(args)
+    for s in P.stages(params):
+        print(f"{s.name:40s} {s.cmd}")
+    print(f"{args.params}: valid ({len(params.experiments)} experiments)")
+
+
+# ---- argument parsing ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dod", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    def add(name, func, help_, experiment=False, stage=False):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--params", default=P.PARAMS_FILE, help="params file (default: params.yaml)")
+        p.add_argument("--overlay", action="append", help="YAML overlay merged over the params file (repeatable)")
+        p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+        p.add_argument("-v", "--verbose", action="store_true")
+        if experiment:
+            p.add_argument("--experiment", required=True, help="experiment name from params.yaml")
+        if stage:
+            p.add_argument("--stage", type=int, required=True, help="sampling stage k (1 = no prior)")
+        p.set_defaults(func=func)
+        return p
+
+    add("prepare-data", cmd_prepare_data, "prepare_data: raw images -> uint8 shards (train/val)")
+    add("extract-latents", cmd_extract_latents, "extract_latents: images -> latent moments (both flips)")
+    add("train-features", cmd_train_features, "train_feature_net: the data-set feature network for metrics")
+    add("reference-stats", cmd_reference_stats, "reference_stats: detector statistics of the real images")
+    p = add("train", cmd_train, "train_stage1: train an experiment's network (resumes automatically)", experiment=True)
+    p.add_argument("--stop-after-images", type=int, default=None, help="checkpoint and exit early (testing)")
+    p = add("sample", cmd_sample, "sample_stage{k}: stage-k samples into a prior cache", experiment=True, stage=True)
+    p.add_argument("--batch-size", type=int, default=None, help="compute batch (results do not depend on it)")
+    add("evaluate", cmd_evaluate, "evaluate_stage{k}: metrics JSON for a stage's samples", experiment=True, stage=True)
+    add("report", cmd_report, "report: tables, figures and index into results/")
+    p = add("dvc-yaml", cmd_dvc_yaml, "write dvc.yaml from the pipeline definition")
+    p.add_argument("--output", default="dvc.yaml")
+    p.add_argument("--check", action="store_true", help="fail if the file differs instead of writing it")
+    add("validate", cmd_validate, "validate params.yaml and list the pipeline's jobs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except ConfigError as err:
+        sys.exit(f"dod {args.command}: invalid configuration: {err}")
+    except FileNotFoundError as err:
+        sys.exit(f"dod {args.command}: {err}")
+
+
+if __name__ == "__main__":
+    main()

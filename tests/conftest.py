@@ -1,0 +1,65 @@
+"""Shared fixtures: small configurations and a prepared embedded-data workspace."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dodlib.config import deep_merge, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A configuration small enough for unit tests: 8x8 digits, 4 tokens, a few dozen steps.
+TINY_OVERRIDES = {
+    "data": {"resolution": 8, "val_per_class": 10, "max_per_class": 40},
+    "tokenizer": {"space_to_depth": 2},
+    "lem": {"width": 32, "heads": 2},
+    "train": {"images": 1024, "batch_size": 32, "log_every": 256, "checkpoint_every": 256,
+              "snapshots": [512], "warmup_images": 0},
+    "sample": {"num_samples": 24, "batch_size": 8, "shard_size": 10, "micro_batch": 4, "sampler": {"num_steps": 4}},
+    "eval": {"batch_size": 64, "feature_net": {"epochs": 1}},
+}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tests use tiny tensors: threading only adds overhead and noise on a 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def repo_params_raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture
+def tiny_raw() -> dict:
+    return deep_merge(repo_params_raw(), TINY_OVERRIDES)
+
+
+@pytest.fixture
+def tiny_params(tiny_raw):
+    return parse_params(copy.deepcopy(tiny_raw))
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """Prepared images and latents of the tiny configuration (built once per session)."""
+    from dodlib.data import prepare_data
+    from dodlib.latents import extract_latents
+    from dodlib.tokenizers import build_tokenizer
+
+    root = tmp_path_factory.mktemp("prepared")
+    params = parse_params(deep_merge(repo_params_raw(), TINY_OVERRIDES))
+    exp = params.base
+    prepare_data(exp.data, root / "data")
+    tok = build_tokenizer(exp.tokenizer)
+    for split in ("train", "val"):
+        extract_latents(tok, exp.data, exp.tokenizer, root / "data" / split, root / "latents" / split)
+    return root

@@ -1,0 +1,50 @@
+# Evaluation: the detector (feature net or Inception), reference statistics of the real data,
+# and the metrics of every stage's samples.
+
+
+if PARAMS.base.eval.detector == "features":
+
+    rule train_feature_net:
+        input:
+            job_inputs("train_feature_net"),
+        output:
+            job("train_feature_net").markers,
+        params:
+            block=job_params("train_feature_net"),
+            cmd=job_cmd("train_feature_net"),
+        log:
+            "logs/train_feature_net.log",
+        shell:
+            "{params.cmd} > {log} 2>&1"
+
+
+rule reference_stats:
+    input:
+        job_inputs("reference_stats"),
+    output:
+        job("reference_stats").markers,
+    params:
+        block=job_params("reference_stats"),
+        cmd=job_cmd("reference_stats"),
+    log:
+        "logs/reference_stats.log",
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
+for _k in range(1, MAX_STAGES + 1):
+
+    rule:
+        name:
+            f"evaluate_stage{_k}"
+        input:
+            job_inputs(f"evaluate_stage{_k}"),
+        output:
+            P.metrics_path("{exp}", _k),
+        params:
+            block=job_params(f"evaluate_stage{_k}"),
+            cmd=job_cmd(f"evaluate_stage{_k}"),
+        log:
+            f"logs/{{exp}}/evaluate_stage{_k}.log",
+        shell:
+            "{params.cmd} > {log} 2>&1"

@@ -1,0 +1,19 @@
+# Report: every table and figure of results/, from the metrics, logs and samples.
+
+
+rule report:
+    input:
+        job_inputs("report"),
+    output:
+        f"{P.RESULTS}/README.md",
+        [
+            report(f"{P.RESULTS}/{f}", category="Figures")
+            for f in P.report_figures(PARAMS)
+        ],
+    params:
+        block=job_params("report"),
+        cmd=job_cmd("report"),
+    log:
+        "logs/report.log",
+    shell:
+        "{params.cmd} > {log} 2>&1"
