@@ -57,14 +57,14 @@ def cmd_extract_latents(args) -> None:
 
 
 def cmd_train_features(args) -> None:
-    from .metrics.feature_net import train_feature_net_stage
+    from .evaluation import train_feature_net_stage
 
     params = _load(args)
     train_feature_net_stage(params.base, P.data_dir(), P.features_dir(), device=_device(args))
 
 
 def cmd_reference_stats(args) -> None:
-    from .metrics.evaluate import reference_stats_stage
+    from .evaluation import reference_stats_stage
 
     params = _load(args)
     reference_stats_stage(params.base, P.data_dir(), P.features_dir(), P.reference_dir(), device=_device(args))
@@ -106,12 +106,12 @@ def cmd_sample(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .metrics.evaluate import evaluate_stage
+    from .evaluation import evaluate_stage
 
     params = _load(args)
     exp = params.experiment(args.experiment)
     evaluate_stage(exp, args.stage, P.stage_dir(exp.name, args.stage), P.reference_dir(), P.features_dir(),
-                   P.metrics_path(exp.name, args.stage), device=_device(args))
+                   P.weights_path(exp.trainer), P.metrics_path(exp.name, args.stage), device=_device(args))
 
 
 def cmd_report(args) -> None:

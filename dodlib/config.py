@@ -255,6 +255,7 @@ class EvalConfig:
     reference_npz: str = ""  # optional ADM reference batch (.npz with mu, sigma)
     batch_size: int = 250
     max_reference: int = 10_000  # real features kept for precision/recall
+    pr_k: int = 3  # neighbours for improved precision/recall (Kynkaanniemi et al. use 3)
     feature_net: FeatureNetConfig = field(default_factory=FeatureNetConfig)
 
     def validate(self, key: str) -> None:
@@ -263,6 +264,7 @@ class EvalConfig:
             raise ConfigError(f"{key}.inception_weights: required when {key}.detector is 'inception'")
         _positive(self.batch_size, f"{key}.batch_size")
         _positive(self.max_reference, f"{key}.max_reference")
+        _positive(self.pr_k, f"{key}.pr_k")
         self.feature_net.validate(f"{key}.feature_net")
 
 

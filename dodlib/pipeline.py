@@ -79,7 +79,7 @@ def state_dir(kind: str, exp: str = "", stage: int = 0) -> str:
 class StageInstance:
     """One job: a stage of the pipeline for one experiment (or shared)."""
 
-    name: str  # unique, e.g. "train_stage1@dod" or "prepare_data"
+    name: str  # unique, e.g. "train_stage1-dod" or "prepare_data" (DVC reserves "@")
     rule: str  # Snakemake rule name, e.g. "train_stage1"
     area: str  # data | training | sampling | evaluation | report (the .smk file)
     cmd: str
@@ -149,14 +149,14 @@ def stages(params: Params) -> list[StageInstance]:
             name="train_feature_net", rule="train_feature_net", area="evaluation",
             cmd="dod train-features", deps=[data_marker], outs=[features_dir()],
             markers=[marker(features_dir(), "model.safetensors")],
-            code=_code("metrics/feature_net"), params=_params(raw, ["eval.feature_net"]),
+            code=_code("metrics/feature_net", "evaluation"), params=_params(raw, ["eval.feature_net"]),
         ))
         ref_deps.append(marker(features_dir(), "model.safetensors"))
     out.append(StageInstance(
         name="reference_stats", rule="reference_stats", area="evaluation",
         cmd="dod reference-stats", deps=ref_deps, outs=[reference_dir()],
         markers=[marker(reference_dir(), "reference.npz")],
-        code=_code("metrics/stats", "metrics/detectors", "metrics/evaluate"),
+        code=_code("metrics/stats", "metrics/detectors", "metrics/evaluate", "evaluation"),
         params=_params(raw, ["eval.detector", "eval.inception_weights", "eval.reference_npz", "eval.max_reference"]),
     ))
     out.append(StageInstance(
@@ -171,42 +171,43 @@ def stages(params: Params) -> list[StageInstance]:
         x = f"experiments.{name}"
         if not exp.weights_from:
             out.append(StageInstance(
-                name=f"train_stage1@{name}", rule="train_stage1", area="training",
+                name=f"train_stage1-{name}", rule="train_stage1", area="training",
                 cmd=f"dod train --experiment {name}", deps=[lat_marker], outs=[train_dir(name)],
                 markers=[weights_path(name)], code=_code("train", "transport", "models"),
                 params=_params(raw, ["model", "lem", "train"], [f"{x}.model", f"{x}.lem", f"{x}.train"]),
                 wildcards={"exp": name}, plots=[f"{train_dir(name)}/train_log.csv"],
             ))
         for k in range(1, exp.stages.count + 1):
-            deps = [weights_path(exp.trainer)]
+            deps = [weights_path(exp.trainer)]  # the trainer may be another experiment (weights_from)
             if k >= 2:
                 deps.append(marker(stage_dir(name, k - 1)))
             if k == 2 and exp.sample.prior_source == "real":
                 deps[-1] = lat_marker  # priors from real latents (rFID): no stage-1 dependency
             stage_keys = [f"stages.overrides.{k}", f"{x}.sample", f"{x}.stages.overrides.{k}"]
             out.append(StageInstance(
-                name=f"sample_stage{k}@{name}", rule=f"sample_stage{k}", area="sampling",
+                name=f"sample_stage{k}-{name}", rule=f"sample_stage{k}", area="sampling",
                 cmd=f"dod sample --experiment {name} --stage {k}", deps=deps, outs=[stage_dir(name, k)],
                 markers=[marker(stage_dir(name, k))], code=_code("sample", "samplers", "guidance"),
                 params=_params(raw, ["sample"], stage_keys), wildcards={"exp": name},
             ))
             out.append(StageInstance(
-                name=f"evaluate_stage{k}@{name}", rule=f"evaluate_stage{k}", area="evaluation",
+                name=f"evaluate_stage{k}-{name}", rule=f"evaluate_stage{k}", area="evaluation",
                 cmd=f"dod evaluate --experiment {name} --stage {k}",
                 deps=[marker(stage_dir(name, k)), marker(reference_dir(), "reference.npz")]
                 + ([marker(features_dir(), "model.safetensors")] if detector == "features" else []),
                 outs=[metrics_path(name, k)], markers=[metrics_path(name, k)],
-                code=_code("metrics/evaluate", "metrics/prdc", "metrics/inception_score"),
-                params=_params(raw, ["eval.batch_size"]), wildcards={"exp": name},
+                code=_code("metrics/evaluate", "metrics/prdc", "metrics/inception_score", "evaluation"),
+                params=_params(raw, ["eval.batch_size", "eval.pr_k"]), wildcards={"exp": name},
                 metrics=[metrics_path(name, k)], cache=False,
             ))
     report_deps = [s.markers[0] for s in out if s.rule.startswith(("evaluate_", "train_stage1"))]
     report_deps += [marker(stage_dir(n, k)) for n, e in params.experiments.items() for k in range(1, e.stages.count + 1)]
     out.append(StageInstance(
         name="report", rule="report", area="report", cmd="dod report", deps=report_deps,
-        outs=[RESULTS], markers=[f"{RESULTS}/README.md"] + [f"{RESULTS}/{f}" for f in report_figures(params)],
-        code=_code("report"),
-        params=_params(raw, ["report", "experiments"]), cache=False,
+        outs=[f"{RESULTS}/{d}" for d in ("README.md", "tables", "figures", "plots", "metrics.json")],
+        markers=[f"{RESULTS}/README.md"] + [f"{RESULTS}/{f}" for f in report_figures(params)],
+        code=_code("report"), params=_params(raw, ["report", "experiments"]),
+        metrics=[f"{RESULTS}/metrics.json"], plots=[f"{RESULTS}/plots/metric_per_stage.csv"], cache=False,
     ))
     return out
 
@@ -223,7 +224,7 @@ def by_name(params: Params) -> dict[str, StageInstance]:
 
 
 def find(params: Params, rule: str, exp: str | None = None) -> StageInstance:
-    name = rule if exp is None else f"{rule}@{exp}"
+    name = rule if exp is None else f"{rule}-{exp}"
     table = by_name(params)
     if name not in table:
         raise KeyError(f"no pipeline stage {name!r}")
@@ -264,6 +265,7 @@ def dvc_yaml(params: Params) -> str:
             entry["metrics"] = [{m: {"cache": False}} for m in s.metrics]
         doc["stages"][s.name] = entry
     doc["plots"] = [
-        {f"{train_dir(n)}/train_log.csv": {"x": "images", "y": "loss"}} for n in params.trainers
-    ] + [f"{RESULTS}/figures"]
+        {f"{train_dir(n)}/train_log.csv": {"x": "images", "y": "loss", "title": f"training loss: {n}"}}
+        for n in params.trainers
+    ] + [{f"{RESULTS}/plots/metric_per_stage.csv": {"x": "stage", "y": "value", "title": "metric per stage"}}]
     return header + yaml.safe_dump(doc, sort_keys=False, width=120)

@@ -13,16 +13,8 @@ from dodlib.config import deep_merge, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A configuration small enough for unit tests: 8x8 digits, 4 tokens, a few dozen steps.
-TINY_OVERRIDES = {
-    "data": {"resolution": 8, "val_per_class": 10, "max_per_class": 40},
-    "tokenizer": {"space_to_depth": 2},
-    "lem": {"width": 32, "heads": 2},
-    "train": {"images": 1024, "batch_size": 32, "log_every": 256, "checkpoint_every": 256,
-              "snapshots": [512], "warmup_images": 0},
-    "sample": {"num_samples": 24, "batch_size": 8, "shard_size": 10, "micro_batch": 4, "sampler": {"num_steps": 4}},
-    "eval": {"batch_size": 64, "feature_net": {"epochs": 1}},
-}
+# The smoke overlay: 8x8 digits, 4 tokens, a few dozen steps (also what the workflow tests run).
+TINY_OVERRIDES = yaml.safe_load((REPO / "params" / "smoke.yaml").read_text())
 
 
 @pytest.fixture(autouse=True)

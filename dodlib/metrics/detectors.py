@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -155,8 +156,11 @@ class InceptionDetector(Detector):
             path = path / INCEPTION_FILENAME
         if not path.is_file():
             raise FileNotFoundError(_missing_weights_message(path))
-        # TorchScript archive: code + tensors, no arbitrary pickled Python objects.
-        base = torch.jit.load(str(path), map_location=torch.device(device)).eval()
+        # TorchScript archive: code + tensors, no arbitrary pickled Python objects. The file only
+        # exists in this format, so torch's TorchScript deprecation notice is not actionable here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
+            base = torch.jit.load(str(path), map_location=torch.device(device)).eval()
         self._setup(_TorchScriptInception(base), device, batch_size, "inception", "FID")
         self.weights_path = str(path)
         if check:

@@ -270,12 +270,16 @@ def evaluate_images(
 
     out: dict = {"detector": detector.name, "num_samples": n}
     out[detector.metric_prefix] = frechet_distance(moments.mean, moments.cov, reference["mu"], reference["sigma"])
-    if is_acc is not None and is_acc.count >= is_splits:
-        out["IS"], out["IS_std"] = is_acc.compute()
-    if want_pr:
+    if is_acc is not None:
+        if is_acc.count >= is_splits:
+            out["IS"], out["IS_std"] = is_acc.compute()
+        else:
+            log.warning("only %d samples: IS needs at least %d (one per split); skipped", is_acc.count, is_splits)
+    out["precision"] = out["recall"] = None
+    if want_pr and n > k:
         out.update(precision_recall(ref_feats, gen.array(), k=k, device=detector.device))
-    else:
-        out["precision"] = out["recall"] = None
+    elif want_pr:
+        log.warning("only %d samples: precision/recall need more than k=%d; skipped", n, k)
     if label_src is not None:
         out["class_accuracy"] = correct / n
     out["reference_count"] = int(reference.get("count", -1))

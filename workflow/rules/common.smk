@@ -39,4 +39,6 @@ def job_params(rule):
 
 
 def job_cmd(rule):
-    return lambda wc: job(rule, wc.get("exp")).cmd + DOD_OPTS
+    """The job's `dod` command. Overlays (DOD_OPTS) are appended in the shell line, not here, so
+    running with an overlay or with the same values merged into params.yaml plans the same jobs."""
+    return lambda wc: job(rule, wc.get("exp")).cmd

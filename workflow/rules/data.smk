@@ -12,7 +12,7 @@ rule prepare_data:
     log:
         "logs/prepare_data.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "{params.cmd}{DOD_OPTS} > {log} 2>&1"
 
 
 rule extract_latents:
@@ -26,4 +26,4 @@ rule extract_latents:
     log:
         "logs/extract_latents.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "{params.cmd}{DOD_OPTS} > {log} 2>&1"

@@ -15,7 +15,7 @@ if PARAMS.base.eval.detector == "features":
         log:
             "logs/train_feature_net.log",
         shell:
-            "{params.cmd} > {log} 2>&1"
+            "{params.cmd}{DOD_OPTS} > {log} 2>&1"
 
 
 rule reference_stats:
@@ -29,7 +29,7 @@ rule reference_stats:
     log:
         "logs/reference_stats.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "{params.cmd}{DOD_OPTS} > {log} 2>&1"
 
 
 for _k in range(1, MAX_STAGES + 1):
@@ -47,4 +47,4 @@ for _k in range(1, MAX_STAGES + 1):
         log:
             f"logs/{{exp}}/evaluate_stage{_k}.log",
         shell:
-            "{params.cmd} > {log} 2>&1"
+            "{params.cmd}{DOD_OPTS} > {log} 2>&1"

@@ -16,4 +16,4 @@ rule report:
     log:
         "logs/report.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "{params.cmd}{DOD_OPTS} > {log} 2>&1"

@@ -16,4 +16,4 @@ for _k in range(1, MAX_STAGES + 1):
         log:
             f"logs/{{exp}}/sample_stage{_k}.log",
         shell:
-            "{params.cmd} > {log} 2>&1"
+            "{params.cmd}{DOD_OPTS} > {log} 2>&1"

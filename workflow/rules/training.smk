@@ -15,4 +15,4 @@ rule train_stage1:
     log:
         "logs/{exp}/train_stage1.log",
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "{params.cmd}{DOD_OPTS} > {log} 2>&1"

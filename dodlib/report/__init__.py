@@ -1,0 +1,72 @@
+"""The report stage: tables, figures and an index into results/, regenerated from artifacts/.
+
+`build_report(params, results_dir, artifacts_root)` reads every input first (a missing one fails
+before anything is written), then writes:
+
+- tables/<name>.{md,csv,tex}: main, main_seeds, one per other experiment group (+ <group>_seeds
+  when a group holds seeds), linear_probe when probe.json files exist;
+- exactly the figures of `pipeline.report_figures(params)`, each as PNG and PDF;
+- metrics.json (flat, for `dvc metrics show`) and plots/metric_per_stage.csv (for `dvc plots`);
+- README.md last: the index, with the generated findings and every experiment's overrides.
+
+Files left in tables/, figures/ or plots/ by earlier runs (e.g. of a removed experiment) are
+deleted, so results/ always describes exactly the current params.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..config import Params
+from ..pipeline import report_figures
+from .collect import ReportData, collect
+from .figures import write_figures, write_plot_data, writer_for
+from .index import findings, git_describe, readme, write_readme
+from .tables import metric_phrase, build_tables, write_metrics_json
+
+log = logging.getLogger(__name__)
+
+OWNED_DIRS = ("tables", "figures", "plots")
+
+__all__ = ["build_report", "collect", "ReportData"]
+
+
+def build_report(params: Params, results_dir: str | Path, artifacts_root: str | Path = Path(".")) -> Path:
+    """Write the whole report into `results_dir`; returns the path of its README.md."""
+    results_dir, root = Path(results_dir), Path(artifacts_root)
+    figure_names = report_figures(params)
+    for name in figure_names:
+        writer_for(name)  # an undrawable figure fails before any output is touched
+    data = collect(params, root)
+
+    written: list[Path] = []
+    tables = build_tables(data)
+    for table in tables:
+        written += table.write(results_dir / "tables")
+    figures = write_figures(data, results_dir, figure_names)
+    for name, _ in figures:
+        written += [results_dir / name, (results_dir / name).with_suffix(".pdf")]
+    written.append(write_metrics_json(data, results_dir / "metrics.json"))
+    written.append(write_plot_data(data, results_dir / "plots" / "metric_per_stage.csv"))
+    _remove_stale(results_dir, written)
+
+    text = readme(
+        params, tables, figures, findings(data.rows(data.main_experiments)), metric_phrase(data),
+        git_describe(root), extra_files=["metrics.json", "plots/metric_per_stage.csv"],
+    )
+    path = write_readme(results_dir / "README.md", text)  # last: Snakemake's marker of a finished report
+    log.info("report: %d tables, %d figures in %s", len(tables), len(figures), results_dir)
+    return path
+
+
+def _remove_stale(results_dir: Path, written: list[Path]) -> None:
+    keep = {p.resolve() for p in written}
+    for sub in OWNED_DIRS:
+        directory = results_dir / sub
+        if not directory.is_dir():
+            continue
+        for path in directory.rglob("*"):
+            if path.is_file() and path.resolve() not in keep:
+                log.info("report: removing stale %s", path)
+                path.unlink()

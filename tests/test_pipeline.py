@@ -1,0 +1,70 @@
+"""The pipeline definition: one source of truth for Snakemake and DVC."""
+
+import subprocess
+import sys
+
+import yaml
+
+from dodlib import pipeline as P
+from dodlib.config import deep_merge, load_params, parse_params
+from tests.conftest import REPO, repo_params_raw
+
+
+def test_committed_dvc_yaml_is_generated_from_the_definition():
+    params = load_params(REPO / "params.yaml")
+    assert (REPO / "dvc.yaml").read_text() == P.dvc_yaml(params), "dvc.yaml is stale: run `dod dvc-yaml`"
+
+
+def test_dvc_stages_match_pipeline_stages():
+    params = load_params(REPO / "params.yaml")
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    jobs = P.by_name(params)
+    assert list(dvc) == list(jobs)
+    for name, job in jobs.items():
+        entry = dvc[name]
+        assert entry["cmd"] == job.cmd
+        assert entry["params"] == list(job.params)
+        assert set(entry.get("deps", [])) == {P._dvc_path(d) for d in job.deps} | set(job.code)
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", [])]
+        metrics = [next(iter(m)) for m in entry.get("metrics", [])]
+        assert sorted(outs + metrics) == sorted(job.outs)
+        for path in job.code:
+            assert (REPO / path).is_file(), path
+
+
+def test_every_param_key_exists_and_has_the_resolved_value():
+    params = load_params(REPO / "params.yaml")
+    for job in P.stages(params):
+        for key, value in job.params.items():
+            node = params.raw
+            for part in key.split("."):
+                node = node[part]
+            assert node == value
+
+
+def test_shared_stages_run_once_and_borrowed_weights_train_nothing():
+    raw = deep_merge(repo_params_raw(), {"experiments": {"cfg2": {"weights_from": "dod", "stages": {
+        "overrides": {"2": {"cfg": {"scale": 2.0}}}}}}})
+    jobs = P.by_name(parse_params(raw))
+    assert sum(1 for n in jobs if n == "prepare_data") == 1
+    assert "train_stage1-cfg2" not in jobs
+    assert P.weights_path("dod") in jobs["sample_stage1-cfg2"].deps
+    assert "experiments.cfg2.stages.overrides.2" in jobs["sample_stage2-cfg2"].params
+    assert "experiments.cfg2.stages.overrides.2" not in jobs["sample_stage1-cfg2"].params
+    assert "sample_stage3-cfg2" in jobs and "sample_stage2-sit" not in jobs
+
+
+def test_cli_help_for_every_stage():
+    for command in ("prepare-data", "extract-latents", "train-features", "reference-stats", "train", "sample",
+                    "evaluate", "report", "dvc-yaml", "validate"):
+        out = subprocess.run([sys.executable, "-m", "dodlib.cli", command, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "--params" in out.stdout, command
+
+
+def test_cli_rejects_bad_params_before_work(tmp_path):
+    raw = deep_merge(repo_params_raw(), {"lem": {"bottleneck_dim": 999}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "dodlib.cli", "prepare-data"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "lem.bottleneck_dim" in out.stderr
+    assert not (tmp_path / "artifacts").exists()
