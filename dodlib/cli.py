@@ -70,9 +70,30 @@ def cmd_reference_stats(args) -> None:
     reference_stats_stage(params.base, P.data_dir(), P.features_dir(), P.reference_dir(), device=_device(args))
 
 
+def _relaunch_distributed(args) -> None:
+    """Re-execute this command under `accelerate launch` when more than one process is asked for
+    and we are not already one of its workers. Multi-node (Slurm, one task per node started by
+    srun): the node rank and the main node's address come from Slurm's environment."""
+    world = args.processes * args.nodes
+    if world <= 1 or "LOCAL_RANK" in os.environ:
+        return
+    argv = [a for a in sys.argv[1:]]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", str(world), "--num_machines", str(args.nodes)]
+    if args.nodes > 1:
+        import subprocess
+
+        hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        launch += ["--machine_rank", os.environ.get("SLURM_NODEID", "0"),
+                   "--main_process_ip", hosts[0], "--main_process_port", os.environ.get("DOD_MAIN_PORT", "29500")]
+    os.execv(sys.executable, launch + ["-m", "dodlib.cli"] + argv)
+
+
 def cmd_train(args) -> None:
     from .train import EXIT_PREEMPTED, Preempted, train
 
+    _relaunch_distributed(args)
     params = _load(args)
     exp = params.experiment(args.experiment)
     if exp.weights_from:
@@ -97,7 +118,7 @@ def cmd_sample(args) -> None:
     prior = None
     if k >= 2:
         if k == 2 and exp.sample.prior_source == "real":
-            prior = RealPriors(f"{P.latents_dir()}/val")
+            prior = RealPriors(f"{P.latents_dir()}/train")  # reconstruction of training images
         else:
             prior = PriorCache(P.stage_dir(exp.name, k - 1))
     device = _device(args)
@@ -112,6 +133,26 @@ def cmd_evaluate(args) -> None:
     exp = params.experiment(args.experiment)
     evaluate_stage(exp, args.stage, P.stage_dir(exp.name, args.stage), P.reference_dir(), P.features_dir(),
                    P.weights_path(exp.trainer), P.metrics_path(exp.name, args.stage), device=_device(args))
+
+
+def cmd_probe(args) -> None:
+    from .probe import probe_stage
+
+    params = _load(args)
+    exp = params.experiment(args.experiment)
+    probe_stage(P.weights_path(exp.trainer), P.latents_dir(), P.probe_path(exp.name), exp_name=exp.name)
+
+
+def cmd_evaluate_snapshots(args) -> None:
+    from .snapshots import evaluate_snapshots_stage
+    from .tokenizers import build_tokenizer
+
+    params = _load(args)
+    exp = params.experiment(args.experiment)
+    device = _device(args)
+    evaluate_snapshots_stage(exp, P.train_dir(exp.name), P.reference_dir(), P.features_dir(),
+                             P.state_dir("snapshots", exp.name), P.snapshots_path(exp.name),
+                             build_tokenizer(exp.tokenizer, device), device=device)
 
 
 def cmd_report(args) -> None:
@@ -171,9 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("reference-stats", cmd_reference_stats, "reference_stats: detector statistics of the real images")
     p = add("train", cmd_train, "train_stage1: train an experiment's network (resumes automatically)", experiment=True)
     p.add_argument("--stop-after-images", type=int, default=None, help="checkpoint and exit early (testing)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes (GPUs) per node; >1 re-launches through `accelerate launch`")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (multi-node: one srun task per node)")
     p = add("sample", cmd_sample, "sample_stage{k}: stage-k samples into a prior cache", experiment=True, stage=True)
     p.add_argument("--batch-size", type=int, default=None, help="compute batch (results do not depend on it)")
     add("evaluate", cmd_evaluate, "evaluate_stage{k}: metrics JSON for a stage's samples", experiment=True, stage=True)
+    add("probe", cmd_probe, "probe: linear probe (top-1) of the LEM bottleneck on held-out real latents",
+        experiment=True)
+    add("evaluate-snapshots", cmd_evaluate_snapshots,
+        "evaluate_snapshots: metric of intermediate EMA snapshots (training efficiency)", experiment=True)
     add("report", cmd_report, "report: tables, figures and index into results/")
     p = add("dvc-yaml", cmd_dvc_yaml, "write dvc.yaml from the pipeline definition")
     p.add_argument("--output", default="dvc.yaml")

@@ -67,6 +67,10 @@ def probe_path(exp: str) -> str:
     return f"{ARTIFACTS}/exp/{exp}/probe.json"
 
 
+def snapshots_path(exp: str) -> str:
+    return f"{ARTIFACTS}/exp/{exp}/snapshots.json"
+
+
 def state_dir(kind: str, exp: str = "", stage: int = 0) -> str:
     parts = [STATE, kind] + ([exp] if exp else []) + ([f"stage{stage}"] if stage else [])
     return "/".join(parts)
@@ -200,7 +204,26 @@ def stages(params: Params) -> list[StageInstance]:
                 params=_params(raw, ["eval.batch_size", "eval.pr_k"]), wildcards={"exp": name},
                 metrics=[metrics_path(name, k)], cache=False,
             ))
-    report_deps = [s.markers[0] for s in out if s.rule.startswith(("evaluate_", "train_stage1"))]
+        if not exp.weights_from and exp.lem.enabled and exp.lem.kind == "lem":
+            out.append(StageInstance(
+                name=f"probe-{name}", rule="probe", area="evaluation", cmd=f"dod probe --experiment {name}",
+                deps=[weights_path(name), lat_marker], outs=[probe_path(name)], markers=[probe_path(name)],
+                code=_code("probe"), params={}, wildcards={"exp": name}, cache=False,
+            ))
+        if not exp.weights_from and exp.train.snapshots:
+            out.append(StageInstance(
+                name=f"evaluate_snapshots-{name}", rule="evaluate_snapshots", area="evaluation",
+                cmd=f"dod evaluate-snapshots --experiment {name}",
+                deps=[weights_path(name), marker(reference_dir(), "reference.npz")]
+                + ([marker(features_dir(), "model.safetensors")] if detector == "features" else []),
+                outs=[snapshots_path(name)], markers=[snapshots_path(name)],
+                code=_code("snapshots", "sample", "samplers", "guidance", "metrics/evaluate"),
+                params=_params(raw, ["sample", "eval.batch_size", "eval.pr_k", "stages.overrides.1",
+                                     "stages.overrides.2"], [f"{x}.sample", f"{x}.stages.overrides.1",
+                                                             f"{x}.stages.overrides.2"]),
+                wildcards={"exp": name}, cache=False,
+            ))
+    report_deps = [s.markers[0] for s in out if s.rule.startswith(("evaluate_", "train_stage1", "probe"))]
     report_deps += [marker(stage_dir(n, k)) for n, e in params.experiments.items() for k in range(1, e.stages.count + 1)]
     out.append(StageInstance(
         name="report", rule="report", area="report", cmd="dod report", deps=report_deps,
@@ -216,6 +239,10 @@ def report_figures(params: Params) -> list[str]:
     """Figures the report stage writes (PNG; a PDF beside each), relative to results/."""
     figures = ["figures/metric_per_stage.png", "figures/training_loss.png"]
     figures += [f"figures/samples_{name}.png" for name in params.experiments]
+    if any(e.group == "cfg_sweep" for e in params.experiments.values()):
+        figures.append("figures/cfg_sweep.png")
+    if any(e.train.snapshots and not e.weights_from for e in params.experiments.values()):
+        figures.append("figures/training_efficiency.png")
     return figures
 
 
@@ -257,7 +284,8 @@ def dvc_yaml(params: Params) -> str:
         deps = [_dvc_path(d) for d in s.deps] + s.code
         if deps:
             entry["deps"] = list(dict.fromkeys(deps))
-        entry["params"] = list(s.params)
+        if s.params:
+            entry["params"] = list(s.params)
         outs = [o for o in s.outs if o not in s.metrics]
         if outs:
             entry["outs"] = [o if s.cache else {o: {"cache": False}} for o in outs]

@@ -62,14 +62,26 @@ class PriorCache:
 
 
 class RealPriors:
-    """Priors from real latents (rFID, paper Fig. 3 left): posterior means of held-out images."""
+    """Priors from real latents (rFID, paper Fig. 3 left): posterior means of real images, taken
+    class-interleaved (the i-th prior is the (i // C)-th image of class i % C) so any prefix is
+    class-balanced even when the split is stored sorted by class."""
 
     def __init__(self, latents_dir: str | Path):
         self.set = LatentSet(latents_dir)
+        labels = self.set.labels.numpy()
+        rank = np.empty(len(labels), np.int64)
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            rank[members] = np.arange(len(members))
+        self.order = np.lexsort((labels, rank))  # by rank within class, then class
         self.meta = {"fingerprint": fingerprint(self.set.meta), "source": str(latents_dir)}
 
     def __len__(self) -> int:
         return len(self.set)
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self.order[:n]
+        return self.set.means(index).numpy(), self.set.labels[torch.from_numpy(index)].numpy()
 
 
 def sample_stage(
@@ -120,8 +132,7 @@ def sample_stage(
     if isinstance(prior, PriorCache):
         prior_latents, prior_labels = prior.load("latents"), prior.load("labels")
     elif isinstance(prior, RealPriors):
-        idx = np.arange(n)
-        prior_latents, prior_labels = prior.set.means(idx).numpy(), prior.set.labels[idx].numpy()
+        prior_latents, prior_labels = prior.take(n)
 
     timing = {"seconds": 0.0, "lem_seconds": 0.0, "decode_seconds": 0.0}
     done_before = sum(_shard_done(state_dir, j) for j in range(num_shards))

@@ -23,7 +23,7 @@ def test_dvc_stages_match_pipeline_stages():
     for name, job in jobs.items():
         entry = dvc[name]
         assert entry["cmd"] == job.cmd
-        assert entry["params"] == list(job.params)
+        assert entry.get("params", []) == list(job.params)
         assert set(entry.get("deps", [])) == {P._dvc_path(d) for d in job.deps} | set(job.code)
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", [])]
         metrics = [next(iter(m)) for m in entry.get("metrics", [])]

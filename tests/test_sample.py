@@ -74,7 +74,9 @@ def test_real_priors_for_rfid(trained, prepared, tmp_path):
     prior = RealPriors(prepared / "latents" / "val")
     meta, cache = _sample(params, weights, tmp_path, "rfid", stage=2, prior=prior)
     assert meta["prior_source"] == "real"
-    assert np.array_equal(cache.load("labels"), prior.set.labels[: len(cache)].numpy())
+    labels = cache.load("labels")
+    assert np.array_equal(labels, prior.take(len(cache))[1])
+    assert np.array_equal(labels[:10], np.arange(10))  # class-interleaved, balanced prefix
 
 
 def test_cfg_scale_changes_samples_and_counts_nfe(trained, tmp_path):

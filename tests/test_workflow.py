@@ -30,6 +30,7 @@ ALL_JOBS = {
     "train_stage1-dod", "sample_stage1-dod", "sample_stage2-dod", "sample_stage3-dod",
     "evaluate_stage1-dod", "evaluate_stage2-dod", "evaluate_stage3-dod",
     "train_stage1-sit", "sample_stage1-sit", "evaluate_stage1-sit", "report",
+    "probe-dod", "evaluate_snapshots-dod", "evaluate_snapshots-sit",
 }
 
 
@@ -122,15 +123,17 @@ def test_dvc_repro_then_snakemake_plan_nothing(finished, tmp_path):
 SCENARIOS = {
     "sampling key: stage-2 CFG scale": (
         set_param("stages.overrides.2", {"cfg": {"scale": 2.0}}),
-        {"sample_stage2-dod", "sample_stage3-dod", "evaluate_stage2-dod", "evaluate_stage3-dod", "report"},
+        {"sample_stage2-dod", "sample_stage3-dod", "evaluate_stage2-dod", "evaluate_stage3-dod",
+         "evaluate_snapshots-dod", "report"},
     ),
     "evaluation key": (
         set_param("eval.pr_k", 5),
-        {"evaluate_stage1-dod", "evaluate_stage2-dod", "evaluate_stage3-dod", "evaluate_stage1-sit", "report"},
+        {"evaluate_stage1-dod", "evaluate_stage2-dod", "evaluate_stage3-dod", "evaluate_stage1-sit",
+         "evaluate_snapshots-dod", "evaluate_snapshots-sit", "report"},
     ),
     "training key of one experiment": (
         set_param("experiments.sit.train.seed", 1),
-        {"train_stage1-sit", "sample_stage1-sit", "evaluate_stage1-sit", "report"},
+        {"train_stage1-sit", "sample_stage1-sit", "evaluate_stage1-sit", "evaluate_snapshots-sit", "report"},
     ),
     "data key": (set_param("data.val_per_class", 9), ALL_JOBS),
 }
@@ -154,6 +157,7 @@ def test_editing_one_stage_module_reruns_that_stage_on(finished, tmp_path):
 
     ws = edited_copy(finished, tmp_path, edit)
     expected = {"sample_stage1-dod", "sample_stage2-dod", "sample_stage3-dod", "sample_stage1-sit",
-                "evaluate_stage1-dod", "evaluate_stage2-dod", "evaluate_stage3-dod", "evaluate_stage1-sit", "report"}
+                "evaluate_stage1-dod", "evaluate_stage2-dod", "evaluate_stage3-dod", "evaluate_stage1-sit",
+                "evaluate_snapshots-dod", "evaluate_snapshots-sit", "report"}
     assert snakemake_plan(ws) == expected
     assert dvc_reruns(ws) == expected

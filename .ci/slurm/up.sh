@@ -12,6 +12,8 @@
 #   DOD_SLURM_GPUS         fake GPUs advertised         (default 4)
 #   DOD_SLURM_USERS        extra user names to register in accounting (space separated)
 #   DOD_SLURM_TIMEOUT      seconds to wait for each daemon / the node (default 60)
+#   DOD_SLURM_REQUEUE_DELAY seconds a requeued job waits before it can start again (default 10;
+#                          Slurm default 120; it is AuthInfo=cred_expire)
 #   DOD_SLURM_NO_INSTALL=1 never call apt-get (fail if packages are missing)
 #
 # Writes $DOD_SLURM_DIR/mode = "sacct" (accounting via slurmdbd works) or "squeue"
@@ -22,6 +24,7 @@ set -uo pipefail
 D="${DOD_SLURM_DIR:-/var/tmp/dod-slurm}"
 ACCT_WANTED="${DOD_SLURM_ACCOUNTING:-auto}"
 TIMEOUT="${DOD_SLURM_TIMEOUT:-60}"
+CRED_EXPIRE="${DOD_SLURM_REQUEUE_DELAY:-10}"
 NGPUS="${DOD_SLURM_GPUS:-4}"
 CLUSTER=dod
 ACCOUNT=dod
@@ -39,7 +42,7 @@ CHECK=0
 for a in "$@"; do
   case "$a" in
     --check) CHECK=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "up.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -65,9 +68,9 @@ pid_alive() {
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name"
 }
-port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+port_busy() { command -v ss >/dev/null && ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
 wait_for() { # wait_for SECONDS DESCRIPTION CMD...
-  local secs=$1 what=$2; shift 2
+  local secs=$1; shift 2   # $2 = description (for readers)
   local end=$(( $(date +%s) + secs ))
   while ! "$@" >/dev/null 2>&1; do
     [ "$(date +%s)" -ge "$end" ] && return 1
@@ -96,8 +99,8 @@ apt_install() {
   fi
   log "apt-get install:$*"
   export DEBIAN_FRONTEND=noninteractive
-  if [ ! -d /var/lib/apt/lists ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ] \
-     || ! apt-get install -y -q --no-install-recommends "$@" >"$D/log/apt.log" 2>&1; then
+  if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null \
+     || ! apt-get install -y -q --no-install-recommends "$@" >>"$D/log/apt.log" 2>&1; then
     apt-get update -q >>"$D/log/apt.log" 2>&1
     apt-get install -y -q --no-install-recommends "$@" >>"$D/log/apt.log" 2>&1
   fi
@@ -109,6 +112,7 @@ apt_install() {
 
 mkdir -p "$D"/{log,run,ctld-state,slurmd-spool,munge} || die "cannot create $D"
 chmod 755 "$D" "$D/run" "$D/log"
+rm -f "$D/mode" "$D/snakemake-args"   # rewritten only once the cluster is verified
 
 miss=$(missing_pkgs $PKGS_BASE)
 if [ -n "$miss" ]; then apt_install $miss || die "could not install Slurm packages:$miss (see $D/log/apt.log)"; fi
@@ -160,6 +164,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# cred_expire also sets how long a requeued job waits before it may start again (default 120s)
+AuthInfo=cred_expire=$CRED_EXPIRE
 StateSaveLocation=$D/ctld-state
 SlurmdSpoolDir=$D/slurmd-spool/%n
 SlurmctldPidFile=$D/run/slurmctld.pid
@@ -375,7 +381,11 @@ if [ $USE_ACCT = 1 ]; then
   fi
 fi
 
-gen_slurm_conf $([ $MODE = sacct ] && echo 1 || echo 0) | install_file "$CONF_DIR/slurm.conf" 644
+if [ $MODE = squeue ] && { pid_alive "$D/run/slurmdbd.pid" slurmdbd || pid_alive "$D/run/mariadb.pid" mariadbd; }; then
+  log "squeue mode: stopping slurmdbd/MariaDB left from an earlier sacct-mode run"
+  stop_acct
+fi
+gen_slurm_conf "$([ $MODE = sacct ] && echo 1 || echo 0)" | install_file "$CONF_DIR/slurm.conf" 644
 gen_gres_conf | install_file "$CONF_DIR/gres.conf" 644
 conf_sum() { cat "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf" | md5sum | cut -d' ' -f1; }
 
@@ -416,10 +426,13 @@ if [ $MODE = sacct ]; then
   sacct -a -n -X -S now-1minutes >/dev/null 2>&1 || {
     [ "$ACCT_WANTED" = yes ] && die "sacct does not work"
     log "WARNING: sacct not working; falling back to squeue mode"; date >"$D/acct-failed"
-    stop_acct; exec "$0" "$@"
+    stop_acct; exec bash "$0" "$@"
   }
 fi
 echo "$MODE" >"$D/mode"
+# extra snakemake arguments matching this cluster (status command made explicit: the plugin
+# defaults to sacct whenever the sacct binary exists, even with accounting disabled)
+echo "--slurm-status-command $MODE" >"$D/snakemake-args"
 
 if [ $CHECK = 1 ]; then
   log "self-check: submitting a 1-GPU batch job"

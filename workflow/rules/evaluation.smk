@@ -48,3 +48,31 @@ for _k in range(1, MAX_STAGES + 1):
             f"logs/{{exp}}/evaluate_stage{_k}.log",
         shell:
             "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+
+
+rule probe:
+    input:
+        job_inputs("probe"),
+    output:
+        P.probe_path("{exp}"),
+    params:
+        block=job_params("probe"),
+        cmd=job_cmd("probe"),
+    log:
+        "logs/{exp}/probe.log",
+    shell:
+        "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+
+
+rule evaluate_snapshots:
+    input:
+        job_inputs("evaluate_snapshots"),
+    output:
+        P.snapshots_path("{exp}"),
+    params:
+        block=job_params("evaluate_snapshots"),
+        cmd=job_cmd("evaluate_snapshots"),
+    log:
+        "logs/{exp}/evaluate_snapshots.log",
+    shell:
+        "{params.cmd}{DOD_OPTS} > {log} 2>&1"

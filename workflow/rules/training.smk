@@ -14,5 +14,13 @@ rule train_stage1:
         cmd=job_cmd("train_stage1"),
     log:
         "logs/{exp}/train_stage1.log",
+    resources:
+        # One process per GPU through `accelerate launch` (`dod train --processes`). The slurm
+        # profile sets gpu; slurm-multinode also sets nodes, mpi and launcher="srun ..." so that
+        # one task per node starts the launcher with its node rank.
+        gpu=0,
+        nodes=1,
+        launcher="",
     shell:
-        "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+        # exec: Slurm's warning signal (USR1) must reach the trainer, not a wrapping shell.
+        "exec {resources.launcher} {params.cmd}{DOD_OPTS} --processes {resources.gpu} --nodes {resources.nodes} > {log} 2>&1"

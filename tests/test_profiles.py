@@ -1,0 +1,78 @@
+"""The cluster profiles plan the paper-scale DAG with the intended resources (dry run, no Slurm)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def dry_run(profile: str) -> dict[str, list[dict]]:
+    """rule -> list of planned jobs, each with its resources and shell command."""
+    out = subprocess.run(
+        ["snakemake", "--profile", profile, "-n", "--configfile", "params/paper.yaml"],
+        cwd=REPO, env=ENV, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs: dict[str, list[dict]] = {}
+    current = None
+    for line in (out.stdout + out.stderr).splitlines():
+        if m := re.match(r"^rule (\w+):", line):
+            current = {"resources": {}, "shell": ""}
+            jobs.setdefault(m.group(1), []).append(current)
+        elif current is not None and (m := re.match(r"^\s+resources: (.*)", line)):
+            for item in re.split(r", (?=\w+=)", m.group(1)):
+                key, _, value = item.partition("=")
+                current["resources"][key] = value
+        elif current is not None and line.startswith("Shell command:"):
+            current["shell"] = line
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def paper_plan():
+    return dry_run("slurm")
+
+
+def test_paper_scale_plans_the_full_dag(paper_plan):
+    counts = {rule: len(jobs) for rule, jobs in paper_plan.items()}
+    assert counts == {
+        "prepare_data": 1, "extract_latents": 1, "reference_stats": 1, "train_stage1": 2,
+        "sample_stage1": 2, "sample_stage2": 1, "sample_stage3": 1,
+        "evaluate_stage1": 2, "evaluate_stage2": 1, "evaluate_stage3": 1, "report": 1, "all": 1,
+        "probe": 1, "evaluate_snapshots": 2,
+    }
+    assert "train_feature_net" not in counts  # Inception at paper scale, no data-set feature net
+
+
+def test_training_requests_gpus_and_a_warning_signal(paper_plan):
+    for job in paper_plan["train_stage1"]:
+        r = job["resources"]
+        assert r["gpu"] == "8" and r["cpus_per_gpu"] == "8" and r["runtime"] == "2880"
+        assert "--signal=USR1@600" in r["slurm_extra"]
+        # one process per GPU, through accelerate launch (dod train --processes)
+        assert "--processes 8 --nodes 1" in job["shell"] and "exec" in job["shell"]
+        assert "params/paper.yaml" in job["shell"]
+
+
+def test_sampling_and_evaluation_get_gpus(paper_plan):
+    for rule in ("sample_stage1", "sample_stage2", "sample_stage3"):
+        assert all(j["resources"]["gpu"] == "4" for j in paper_plan[rule])
+    for rule in ("evaluate_stage1", "reference_stats", "extract_latents"):
+        assert all(j["resources"]["gpu"] == "1" for j in paper_plan[rule])
+
+
+def test_multinode_profile_uses_srun_one_task_per_node():
+    plan = dry_run("slurm-multinode")
+    for job in plan["train_stage1"]:
+        r = job["resources"]
+        assert r["nodes"] == "2" and r["mpi"] == "srun" and r["tasks"] == "2"
+        assert "--gpus-per-node=8" in r["slurm_extra"]
+        assert "srun --ntasks-per-node=1 dod train" in job["shell"] and "--processes 8 --nodes 2" in job["shell"]
