@@ -7,7 +7,8 @@
 
 Sections (one column per model size in the final table; see benchmarks/README.md):
 
-1. matmul peak: best achieved GFLOP/s of a large fp32 ``torch.mm`` (the machine's measured peak).
+1. matmul peak: best achieved GFLOP/s of a large fp32 ``torch.mm``, measured at the start and at the
+   end of the run (the machine's measured peak = the better of the two; a large change flags load).
 2. training: one step = forward of ``PriorConditionedLoss`` (LEM of the clean latent + backbone),
    backward, gradient clipping, AdamW step and EMA update - the body of ``dodlib.train.train`` -
    on batches from ``make_batch`` (synthetic latents, built outside the timed region).  Also with
@@ -31,6 +32,7 @@ import datetime as _dt
 import gc
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -70,6 +72,24 @@ def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def busy_cpus(seconds: float = 1.0) -> float | None:
+    """CPUs kept busy by other processes, measured from /proc/stat while this one sleeps (None off Linux)."""
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        return sum(v[:8]) - idle, sum(v[:8])
+
+    try:
+        b0, t0 = read()
+        time.sleep(seconds)
+        b1, t1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (b1 - b0) / max(t1 - t0, 1)
 
 
 class SyntheticLatents:
@@ -247,6 +267,7 @@ def bench_sample(exp: ExperimentConfig, latent_shape, num_classes: int, rows: in
             for _ in range(repeats):
                 x, sec, lem_sec = sample_once(model, exp, stage, rows, sampler, cfg, prior, device)
                 runs.append((sec, lem_sec))
+            runs_seconds = [r[0] for r in runs]
             if stage == 1 and scale == 1.0:
                 prior = x  # stage k's prior is a stage-1 output, as in the pipeline
             sec = statistics.median(r[0] for r in runs)
@@ -258,6 +279,7 @@ def bench_sample(exp: ExperimentConfig, latent_shape, num_classes: int, rows: in
                 "stage": stage,
                 "cfg_scale": scale,
                 "seconds": sec,
+                "seconds_runs": runs_seconds,
                 "images_per_sec": ips,
                 "lem_seconds": lem_sec,
                 "lem_share": lem_sec / sec,
@@ -314,7 +336,7 @@ def _f(v: float, digits: int = 1) -> str:
 
 
 def table(results: list[dict], meta: dict) -> str:
-    peak = meta["matmul"]["gflops_peak"]
+    peak = meta.get("matmul_peak_gflops", meta["matmul"]["gflops_peak"])
     s = results[0]["sample"]
     scale = s["cfg_scale"]
     rows: list[tuple[str, list[str]]] = []
@@ -327,6 +349,8 @@ def table(results: list[dict], meta: dict) -> str:
 
     section("machine")
     row(f"matmul peak GFLOP/s (fp32 mm {meta['matmul']['n']}^2)", lambda r: _f(peak))
+    row("  at start / at end", lambda r: f"{_f(meta['matmul']['gflops_peak'])} / "
+        + (_f(meta["matmul_end"]["gflops_peak"]) if "matmul_end" in meta else "-"))
     row("peak RSS after matmul, MiB", lambda r: _f(meta["rss_after_matmul_mb"], 0))
     section("model")
     row("depth x width / tokens", lambda r: f"{r['model']['depth']}x{r['model']['width']} / {r['model']['tokens']}")
@@ -360,7 +384,9 @@ def table(results: list[dict], meta: dict) -> str:
     widths = [max(len(h), *(len(v[i]) for _, v in rows if v)) for i, h in enumerate(headers)]
     lines = [
         f"DoD benchmark  {meta['date']}  torch {meta['torch']}  {meta['device']}  threads {meta['threads']}"
-        f"  cpus {meta['cpu_count']}  latent {'x'.join(map(str, meta['latent']))}",
+        f"  cpus {meta['cpu_count']}  latent {'x'.join(map(str, meta['latent']))}"
+        f"  busy cpus at start {meta['busy_cpus_start'] if meta['busy_cpus_start'] is None else round(meta['busy_cpus_start'], 2)}"
+        f"  ({meta.get('seconds', 0):.0f} s)",
         "".ljust(w0) + "  ".join(h.rjust(w) for h, w in zip(headers, widths)),
     ]
     lines.append("-" * len(lines[-1]))
@@ -383,15 +409,15 @@ def main(argv=None) -> int:
                    help="token count (a square number); overrides H = W of --latent as patch x sqrt(tokens)")
     p.add_argument("--classes", type=int, default=10, help="number of classes (10 = digits, 1000 = ImageNet)")
     p.add_argument("--batch", type=int, default=128, help="training batch size")
-    p.add_argument("--train-steps", type=int, default=5, help="timed training steps")
+    p.add_argument("--train-steps", type=int, default=10, help="timed training steps")
     p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--steps", type=int, default=50, help="Euler sampler steps (NFE)")
     p.add_argument("--cfg-scale", type=float, default=5.5, help="the CFG > 1 column's scale (paper: 5.5)")
     p.add_argument("--sample-batch", type=int, default=None, help="images per sampling run (default: micro_batch)")
     p.add_argument("--micro-batch", type=int, default=None, help="network micro-batch (default: params sample.micro_batch)")
-    p.add_argument("--sample-repeats", type=int, default=1, help="timed runs per sampling setting (median)")
+    p.add_argument("--sample-repeats", type=int, default=3, help="timed runs per sampling setting (median)")
     p.add_argument("--matmul-n", type=int, default=2048)
-    p.add_argument("--matmul-repeats", type=int, default=5)
+    p.add_argument("--matmul-repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--params", default=None, help="params file whose base experiment sets LEM/train/sample options "
                                                   "(default: the repository's params.yaml)")
@@ -419,12 +445,17 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "latent": list(args.latent),
         "args": {k: v for k, v in vars(args).items() if k != "latent"},
     }
+    meta["loadavg_start"] = list(os.getloadavg())
+    meta["busy_cpus_start"] = busy_cpus()
+    if meta["busy_cpus_start"] is not None and meta["busy_cpus_start"] > 0.2:
+        log(f"WARNING: other processes keep {meta['busy_cpus_start']:.1f} CPUs busy; with every core running "
+            "an OpenMP thread the figures can be many times too low (try --threads 1, or wait)")
     log(f"matmul peak: fp32 mm {args.matmul_n}^2 x {args.matmul_repeats}")
     meta["matmul"] = bench_matmul(args.matmul_n, args.matmul_repeats, device)
     meta["rss_after_matmul_mb"] = peak_rss_mb()
@@ -433,7 +464,15 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     results = [bench_size(size, base, args, device) for size in args.size]
     meta["seconds"] = time.perf_counter() - t_start
+    # Measured again at the end: a changed peak means the machine's load changed during the run.
+    meta["matmul_end"] = bench_matmul(args.matmul_n, args.matmul_repeats, device)
+    meta["loadavg_end"] = list(os.getloadavg())
+    drift = meta["matmul_end"]["gflops_peak"] / meta["matmul"]["gflops_peak"] - 1
+    meta["matmul_peak_gflops"] = max(meta["matmul"]["gflops_peak"], meta["matmul_end"]["gflops_peak"])
     text = table(results, meta)
+    if abs(drift) > 0.15:
+        text += (f"\nWARNING: the matmul peak changed by {100 * drift:+.0f}% during the run "
+                 "(other load?); the figures are not reliable")
     print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

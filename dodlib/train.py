@@ -34,8 +34,12 @@ from .transport import interpolate, sample_t
 
 log = logging.getLogger(__name__)
 
-# Exit code after a checkpoint written on SIGTERM/SIGUSR1 (EX_TEMPFAIL: "try again later").
+# Exit code after a checkpoint written on one of CHECKPOINT_SIGNALS (EX_TEMPFAIL: "try again later").
 EXIT_PREEMPTED = 75
+# SIGTERM: preemption / scancel. SIGUSR1: the usual warning signal. SIGURG: the warning signal to use
+# under Snakemake's Slurm executor (`--signal=URG@600`): its default action is "ignore", so the
+# snakemake process that wraps the job survives it, while USR1 would kill that process first.
+CHECKPOINT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGURG)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +248,7 @@ def train(
     def on_signal(signum, _frame):
         stop["signal"] = signum  # finish the current step, checkpoint, exit
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, on_signal) for s in CHECKPOINT_SIGNALS}
     every = lambda n: max(1, n // cfg.batch_size)  # noqa: E731  (images -> steps)
     snapshot_steps = {math.ceil(s / cfg.batch_size): s for s in cfg.snapshots}
     window_start, window_images = time.perf_counter(), 0

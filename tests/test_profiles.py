@@ -56,7 +56,7 @@ def test_training_requests_gpus_and_a_warning_signal(paper_plan):
     for job in paper_plan["train_stage1"]:
         r = job["resources"]
         assert r["gpu"] == "8" and r["cpus_per_gpu"] == "8" and r["runtime"] == "2880"
-        assert "--signal=USR1@600" in r["slurm_extra"]
+        assert "--signal=URG@600" in r["slurm_extra"]
         # one process per GPU, through accelerate launch (dod train --processes)
         assert "--processes 8 --nodes 1" in job["shell"] and "exec" in job["shell"]
         assert "params/paper.yaml" in job["shell"]

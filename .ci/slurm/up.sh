@@ -10,6 +10,7 @@
 #                                                        fall back to no accounting)
 #   DOD_SLURM_CPUS         CPUs advertised for the node (default: nproc)
 #   DOD_SLURM_GPUS         fake GPUs advertised         (default 4)
+#   DOD_SLURM_GPU_TYPE     GPU type/model name          (default none; e.g. a100 for gpu_model)
 #   DOD_SLURM_USERS        extra user names to register in accounting (space separated)
 #   DOD_SLURM_TIMEOUT      seconds to wait for each daemon / the node (default 60)
 #   DOD_SLURM_REQUEUE_DELAY seconds a requeued job waits before it can start again (default 10;
@@ -26,6 +27,7 @@ ACCT_WANTED="${DOD_SLURM_ACCOUNTING:-auto}"
 TIMEOUT="${DOD_SLURM_TIMEOUT:-60}"
 CRED_EXPIRE="${DOD_SLURM_REQUEUE_DELAY:-10}"
 NGPUS="${DOD_SLURM_GPUS:-4}"
+GPU_TYPE="${DOD_SLURM_GPU_TYPE:-}"   # e.g. "a100": then --gpus=a100:1 (gpu_model) also works
 CLUSTER=dod
 ACCOUNT=dod
 PARTITION=debug
@@ -42,7 +44,7 @@ CHECK=0
 for a in "$@"; do
   case "$a" in
     --check) CHECK=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "up.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -188,6 +190,7 @@ SchedulerParameters=bf_interval=2,sched_interval=2,sched_min_interval=100000
 GresTypes=gpu
 DefMemPerCPU=$DEFMEM
 JobRequeue=1
+EnforcePartLimits=ALL
 ReturnToService=2
 MinJobAge=600
 KillWait=10
@@ -214,7 +217,7 @@ JobAcctGatherType=jobacct_gather/none
 EOF
   fi
   cat <<EOF
-NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$NCPUS RealMemory=$REALMEM $( [ "$NGPUS" -gt 0 ] && echo "Gres=gpu:$NGPUS" ) State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$NCPUS RealMemory=$REALMEM $( [ "$NGPUS" -gt 0 ] && echo "Gres=gpu:${GPU_TYPE:+$GPU_TYPE:}$NGPUS" ) State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 }
@@ -225,7 +228,7 @@ gen_gres_conf() {
   echo "$MARKER"
   echo "AutoDetect=off"
   if [ "$NGPUS" -gt 0 ]; then
-    echo "NodeName=$NODE Name=gpu File=$FAKE_GPU_DIR/nvidia[0-$(( NGPUS - 1 ))]"
+    echo "NodeName=$NODE Name=gpu ${GPU_TYPE:+Type=$GPU_TYPE }File=$FAKE_GPU_DIR/nvidia[0-$(( NGPUS - 1 ))]"
   fi
 }
 mkdir -p "$FAKE_GPU_DIR"
@@ -331,8 +334,11 @@ start_slurmdbd() {
   local u
   for u in root ${DOD_SLURM_USERS:-} ${SUDO_USER:-}; do
     id "$u" >/dev/null 2>&1 || continue
-    sacctmgr -n -P show user "$u" format=user | grep -qx "$u" || \
-      sacctmgr -i add user "$u" DefaultAccount="$ACCOUNT" Cluster="$CLUSTER" >/dev/null || return 1
+    # (root already exists in account "root": add the association, then make dod the default)
+    sacctmgr -n -P show assoc where user="$u" account="$ACCOUNT" format=user | grep -qx "$u" || \
+      sacctmgr -i add user "$u" Account="$ACCOUNT" Cluster="$CLUSTER" >/dev/null || return 1
+    sacctmgr -n -P show user "$u" format=defaultaccount | grep -qx "$ACCOUNT" || \
+      sacctmgr -i modify user where name="$u" set DefaultAccount="$ACCOUNT" >/dev/null || return 1
   done
 }
 stop_acct() { # used when falling back
