@@ -55,3 +55,14 @@ def prepared(tmp_path_factory):
     for split in ("train", "val"):
         extract_latents(tok, exp.data, exp.tokenizer, root / "data" / split, root / "latents" / split)
     return root
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory) -> Path:
+    """A smoke workspace where Snakemake ran the whole DAG locally and DVC recorded it."""
+    from tests.workspace import make_workspace, run
+
+    ws = make_workspace(tmp_path_factory.mktemp("ws"))
+    run(["snakemake", "--cores", "2"], ws)
+    run(["dvc", "commit", "--force", "--quiet"], ws)  # adopt Snakemake's outputs without recomputing
+    return ws

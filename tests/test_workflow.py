@@ -7,23 +7,16 @@ checks the exact set of jobs Snakemake's dry run plans and `dvc repro` actually 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dodlib.config import deep_merge
-from tests.conftest import REPO
+from tests.workspace import planned_jobs, run
 
 pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 ALL_JOBS = {
     "prepare_data", "extract_latents", "train_feature_net", "reference_stats",
@@ -34,58 +27,13 @@ ALL_JOBS = {
 }
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc.stdout + proc.stderr
-
-
-def make_workspace(dest: Path) -> Path:
-    """The repository's tracked files, with the smoke overlay merged into params.yaml."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if rel.startswith("results/") or not (REPO / rel).is_file():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dest / rel)
-    raw = deep_merge(yaml.safe_load((dest / "params.yaml").read_text()),
-                     yaml.safe_load((dest / "params" / "smoke.yaml").read_text()))
-    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    run(["dod", "dvc-yaml"], dest)
-    run(["git", "init", "-q"], dest)
-    return dest
-
-
 def snakemake_plan(ws: Path) -> set[str]:
-    """Jobs a Snakemake dry run plans, named like the DVC stages (rule-experiment)."""
-    out = run(["snakemake", "-n", "--cores", "2"], ws)
-    jobs, rule = set(), None
-    for line in out.splitlines():
-        if m := re.match(r"^rule (\w+):", line):
-            rule = m.group(1)
-            if rule != "all":
-                jobs.add(rule)
-        elif rule and (m := re.match(r"^\s+wildcards: exp=([\w-]+)", line)):
-            jobs.discard(rule)
-            jobs.add(f"{rule}-{m.group(1)}")
-    return jobs
+    return planned_jobs(run(["snakemake", "-n", "--cores", "2"], ws))
 
 
 def dvc_reruns(ws: Path) -> set[str]:
     out = run(["dvc", "repro"], ws)
     return set(re.findall(r"Running stage '([^']+)'", out))
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A workspace where Snakemake ran the whole smoke DAG and DVC recorded it."""
-    ws = make_workspace(tmp_path_factory.mktemp("ws"))
-    run(["snakemake", "--cores", "2"], ws)
-    # Adopt Snakemake's outputs into DVC without recomputing them.
-    run(["dvc", "commit", "--force", "--quiet"], ws)
-    return ws
 
 
 def edited_copy(finished: Path, tmp_path: Path, edit) -> Path:

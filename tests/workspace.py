@@ -1,0 +1,57 @@
+"""Throw-away copies of the repository in which the workflow tests run the real tools."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dodlib.config import deep_merge
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float | None = 1800) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout + proc.stderr
+
+
+def make_workspace(dest: Path, extra: dict | None = None) -> Path:
+    """The repository's tracked files, with the smoke overlay (and `extra`) merged into params.yaml."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if rel.startswith("results/") or not (REPO / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    raw = deep_merge(yaml.safe_load((dest / "params.yaml").read_text()),
+                     yaml.safe_load((dest / "params" / "smoke.yaml").read_text()))
+    raw = deep_merge(raw, extra or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(["dod", "dvc-yaml"], dest)
+    run(["git", "init", "-q"], dest)
+    return dest
+
+
+def planned_jobs(dry_run_output: str) -> set[str]:
+    """Jobs of a Snakemake dry run, named like the DVC stages (rule-experiment)."""
+    jobs, rule = set(), None
+    for line in dry_run_output.splitlines():
+        if m := re.match(r"^rule (\w+):", line):
+            rule = m.group(1)
+            if rule != "all":
+                jobs.add(rule)
+        elif rule and (m := re.match(r"^\s+wildcards: exp=([\w-]+)", line)):
+            jobs.discard(rule)
+            jobs.add(f"{rule}-{m.group(1)}")
+    return jobs
