@@ -85,9 +85,11 @@ def evaluate_stage(exp: ExperimentConfig, stage: int, samples_dir, reference_dir
     meta = samples.meta
     # Compute to produce one stage-k sample: every stage up to k (each restarts from noise), with
     # CFG doubling the batch, plus the LEM once per stage >= 2. Summed from the earlier stages' meta.
-    gflops = _stage_gflops(meta)
-    for k in range(1, stage):
-        gflops += _stage_gflops(PriorCache(Path(samples_dir).parent / f"stage{k}").meta)
+    gflops, k, m = _stage_gflops(meta), stage, meta
+    while m.get("prior_source") == "generated":  # priors from real latents cost no sampling
+        k -= 1
+        m = PriorCache(Path(samples_dir).parent / f"stage{k}").meta
+        gflops += _stage_gflops(m)
     result = {
         "experiment": exp.name,
         "stage": stage,
