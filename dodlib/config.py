@@ -371,6 +371,10 @@ def parse_params(raw: dict) -> Params:
     for key in raw:
         if key not in allowed:
             raise ConfigError(f"{key}: unknown top-level key (allowed: {', '.join(sorted(allowed))})")
+    # The base blocks first, so an error in them is reported under its own key (e.g. train.images)
+    # rather than under the first experiment that overrides part of that block.
+    for block, cls in _BLOCK_TYPES.items():
+        _build(cls, raw.get(block) or {}, block)
     experiments_raw = raw.get("experiments") or {"main": {}}
     if not isinstance(experiments_raw, dict):
         raise ConfigError("experiments: expected a mapping of experiment name -> overrides")
