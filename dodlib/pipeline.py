@@ -210,6 +210,8 @@ def stages(params: Params) -> list[StageInstance]:
                 deps=[weights_path(name), lat_marker], outs=[probe_path(name)], markers=[probe_path(name)],
                 code=_code("probe"), params={}, wildcards={"exp": name}, cache=False,
             ))
+        # Snapshots are evaluated at stage 1, and at stage 2 when the model takes priors.
+        snapshot_stages = [1, 2] if exp.lem.enabled and exp.stages.count >= 2 else [1]
         if not exp.weights_from and exp.train.snapshots:
             out.append(StageInstance(
                 name=f"evaluate_snapshots-{name}", rule="evaluate_snapshots", area="evaluation",
@@ -218,9 +220,9 @@ def stages(params: Params) -> list[StageInstance]:
                 + ([marker(features_dir(), "model.safetensors")] if detector == "features" else []),
                 outs=[snapshots_path(name)], markers=[snapshots_path(name)],
                 code=_code("snapshots", "sample", "samplers", "guidance", "metrics/evaluate"),
-                params=_params(raw, ["sample", "eval.batch_size", "eval.pr_k", "stages.overrides.1",
-                                     "stages.overrides.2"], [f"{x}.sample", f"{x}.stages.overrides.1",
-                                                             f"{x}.stages.overrides.2"]),
+                params=_params(raw, ["sample", "eval.batch_size", "eval.pr_k"], [
+                    f"stages.overrides.{k}" for k in snapshot_stages] + [f"{x}.sample"] + [
+                    f"{x}.stages.overrides.{k}" for k in snapshot_stages]),
                 wildcards={"exp": name}, cache=False,
             ))
     report_deps = [s.markers[0] for s in out if s.rule.startswith(("evaluate_", "train_stage1", "probe"))]
