@@ -77,7 +77,6 @@ def _relaunch_distributed(args) -> None:
     world = args.processes * args.nodes
     if world <= 1 or "LOCAL_RANK" in os.environ:
         return
-    argv = [a for a in sys.argv[1:]]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", str(world), "--num_machines", str(args.nodes)]
     if args.nodes > 1:
@@ -87,7 +86,7 @@ def _relaunch_distributed(args) -> None:
                                capture_output=True, text=True, check=True).stdout.split()
         launch += ["--machine_rank", os.environ.get("SLURM_NODEID", "0"),
                    "--main_process_ip", hosts[0], "--main_process_port", os.environ.get("DOD_MAIN_PORT", "29500")]
-    os.execv(sys.executable, launch + ["-m", "dodlib.cli"] + argv)
+    os.execv(sys.executable, launch + ["-m", "dodlib.cli"] + sys.argv[1:])
 
 
 def cmd_train(args) -> None:

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -484,8 +483,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value or {}, key)
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return value  # only used for free-form blocks; validated by their owner
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")

@@ -263,16 +263,13 @@ def find(params: Params, rule: str, exp: str | None = None) -> StageInstance:
 # ---- dvc.yaml ---------------------------------------------------------------------------------
 
 
-def _dvc_path(path: str) -> str:
-    """DVC tracks directories: map a Snakemake marker file back to the directory that holds it."""
-    for prefix in (data_dir(), features_dir(), reference_dir(), latents_dir()):
-        if path.startswith(prefix + "/"):
-            return prefix
-    if path.endswith("/meta.json") and "/stage" in path:
-        return path.rsplit("/", 1)[0]
-    if path.endswith("/model.safetensors") and "/exp/" in path:
-        return path.rsplit("/", 1)[0]
-    return path
+def dvc_dependency(jobs: list[StageInstance], path: str) -> str:
+    """DVC tracks whole outputs: map a Snakemake marker file to the declared output holding it."""
+    for job in jobs:
+        for out in job.outs:
+            if path == out or path.startswith(out + "/"):
+                return out
+    raise KeyError(f"{path}: no stage declares an output holding it")
 
 
 def dvc_yaml(params: Params) -> str:
@@ -281,9 +278,10 @@ def dvc_yaml(params: Params) -> str:
         "# Regenerate after adding experiments or stages; tests/test_pipeline.py fails when stale.\n"
     )
     doc: dict = {"stages": {}}
-    for s in stages(params):
+    jobs = stages(params)
+    for s in jobs:
         entry: dict = {"cmd": s.cmd}
-        deps = [_dvc_path(d) for d in s.deps] + s.code
+        deps = [dvc_dependency(jobs, d) for d in s.deps] + s.code
         if deps:
             entry["deps"] = list(dict.fromkeys(deps))
         if s.params:

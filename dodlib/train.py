@@ -70,11 +70,15 @@ def build_model(spec: dict) -> DoDModel:
     return DoDModel(**spec)
 
 
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict as contiguous CPU tensors, the form safetensors writes."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
 def save_weights(path: Path, model: nn.Module, spec: dict) -> None:
     """Weights as safetensors plus the model spec as JSON (loading never unpickles anything)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
+        save_file(cpu_state(model), str(tmp))
     save_json(path.with_suffix(".json"), spec)
 
 
@@ -165,8 +169,8 @@ def save_checkpoint(state_dir: Path, step: int, images: int, model, ema, optimiz
     tmp = state_dir / f".tmp-ckpt-{images:012d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+    save_file(cpu_state(model), str(tmp / "model.safetensors"))
+    save_file(cpu_state(ema), str(tmp / "ema.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     save_json(tmp / "state.json", {"step": step, "images": images, "log": log_rows})
     shutil.rmtree(final, ignore_errors=True)
@@ -289,8 +293,7 @@ def train(
                 bar.set_postfix(loss=f"{row['loss']:.4f}", ips=f"{row['images_per_sec']:.0f}")
                 window_start, window_images = time.perf_counter(), 0
             if step in snapshot_steps and accelerator.is_main_process:
-                save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
-                          str(_snapshot_path(state_dir, snapshot_steps[step])))
+                save_file(cpu_state(ema), str(_snapshot_path(state_dir, snapshot_steps[step])))
             preempt = stop["signal"] is not None or (
                 stop_after_images is not None and step * cfg.batch_size >= stop_after_images and step < total_steps
             )

@@ -19,12 +19,13 @@ def test_dvc_stages_match_pipeline_stages():
     params = load_params(REPO / "params.yaml")
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     jobs = P.by_name(params)
+    all_jobs = list(jobs.values())
     assert list(dvc) == list(jobs)
     for name, job in jobs.items():
         entry = dvc[name]
         assert entry["cmd"] == job.cmd
         assert entry.get("params", []) == list(job.params)
-        assert set(entry.get("deps", [])) == {P._dvc_path(d) for d in job.deps} | set(job.code)
+        assert set(entry.get("deps", [])) == {P.dvc_dependency(all_jobs, d) for d in job.deps} | set(job.code)
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", [])]
         metrics = [next(iter(m)) for m in entry.get("metrics", [])]
         assert sorted(outs + metrics) == sorted(job.outs)
