@@ -158,7 +158,7 @@ def cmd_report(args) -> None:
     from .report import build_report
 
     params = _load(args)
-    build_report(params, Path(P.RESULTS))
+    build_report(params, Path(P.RESULTS), manifest=Path(P.report_manifest_path()))
 
 
 def cmd_dvc_yaml(args) -> None:

@@ -71,6 +71,12 @@ def snapshots_path(exp: str) -> str:
     return f"{ARTIFACTS}/exp/{exp}/snapshots.json"
 
 
+def report_manifest_path() -> str:
+    """What the last report run wrote, with hashes. It lives under artifacts/ (never committed),
+    so a fresh clone, whose committed results/ look finished, still runs the pipeline."""
+    return f"{ARTIFACTS}/report/manifest.json"
+
+
 def state_dir(kind: str, exp: str = "", stage: int = 0) -> str:
     parts = [STATE, kind] + ([exp] if exp else []) + ([f"stage{stage}"] if stage else [])
     return "/".join(parts)
@@ -229,8 +235,9 @@ def stages(params: Params) -> list[StageInstance]:
     report_deps += [marker(stage_dir(n, k)) for n, e in params.experiments.items() for k in range(1, e.stages.count + 1)]
     out.append(StageInstance(
         name="report", rule="report", area="report", cmd="dod report", deps=report_deps,
-        outs=[f"{RESULTS}/{d}" for d in ("README.md", "tables", "figures", "plots", "metrics.json")],
-        markers=[f"{RESULTS}/README.md"] + [f"{RESULTS}/{f}" for f in report_figures(params)],
+        outs=[f"{RESULTS}/{d}" for d in ("README.md", "tables", "figures", "plots", "metrics.json")]
+        + [report_manifest_path()],
+        markers=[report_manifest_path(), f"{RESULTS}/README.md"] + [f"{RESULTS}/{f}" for f in report_figures(params)],
         code=_code("report"), params=_params(raw, ["report", "experiments"]),
         metrics=[f"{RESULTS}/metrics.json"], plots=[f"{RESULTS}/plots/metric_per_stage.csv"], cache=False,
     ))

@@ -69,3 +69,13 @@ def test_cli_rejects_bad_params_before_work(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode != 0 and "lem.bottleneck_dim" in out.stderr
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_a_fresh_clone_plans_the_whole_main_job(tmp_path):
+    """The committed results/ must not make a fresh clone look finished to Snakemake."""
+    from tests.workspace import copy_tracked, planned_jobs, run
+
+    ws = copy_tracked(tmp_path / "clone", with_results=True)
+    assert (ws / "results" / "README.md").is_file()
+    planned = planned_jobs(run(["snakemake", "-n", "--cores", "2"], ws))
+    assert planned == set(P.by_name(load_params(REPO / "params.yaml")))

@@ -104,8 +104,20 @@ def built(params, tmp_path_factory):
     names = P.report_figures(params) + EXTRA_FIGURES
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(report_mod, "report_figures", lambda p: names)
-        readme = build_report(params, results, root)
+        readme = build_report(params, results, root, manifest=root / "artifacts" / "report" / "manifest.json")
     return {"root": root, "results": results, "images": images, "readme": readme, "figures": names}
+
+
+def test_manifest_hashes_every_file_written_and_nothing_stale(built):
+    import hashlib
+    import json
+
+    results = built["results"]
+    manifest = json.loads((built["root"] / "artifacts" / "report" / "manifest.json").read_text())["files"]
+    on_disk = {p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file()}
+    assert set(manifest) == on_disk and "README.md" in manifest and "tables/removed_group.csv" not in manifest
+    for rel, digest in manifest.items():
+        assert hashlib.sha256((results / rel).read_bytes()).hexdigest() == digest, rel
 
 
 def test_every_figure_is_a_png_and_a_pdf(built, params):

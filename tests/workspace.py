@@ -25,15 +25,22 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float | None = 1
     return proc.stdout + proc.stderr
 
 
-def make_workspace(dest: Path, extra: dict | None = None) -> Path:
-    """The repository's tracked files, with the smoke overlay (and `extra`) merged into params.yaml."""
+def copy_tracked(dest: Path, with_results: bool = False) -> Path:
+    """The repository's tracked (and untracked, not ignored) files, as a clone would have them:
+    fresh mtimes, and results/ only when asked (the committed report of a finished run)."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for rel in files:
-        if rel.startswith("results/") or not (REPO / rel).is_file():
+        if (rel.startswith("results/") and not with_results) or not (REPO / rel).is_file():
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dest / rel)
+        shutil.copy(REPO / rel, dest / rel)
+    return dest
+
+
+def make_workspace(dest: Path, extra: dict | None = None) -> Path:
+    """The repository's tracked files, with the smoke overlay (and `extra`) merged into params.yaml."""
+    copy_tracked(dest)
     raw = deep_merge(yaml.safe_load((dest / "params.yaml").read_text()),
                      yaml.safe_load((dest / "params" / "smoke.yaml").read_text()))
     raw = deep_merge(raw, extra or {})

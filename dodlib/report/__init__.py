@@ -7,7 +7,9 @@ before anything is written), then writes:
   when a group holds seeds), linear_probe when probe.json files exist;
 - exactly the figures of `pipeline.report_figures(params)`, each as PNG and PDF;
 - metrics.json (flat, for `dvc metrics show`) and plots/metric_per_stage.csv (for `dvc plots`);
-- README.md last: the index, with the generated findings and every experiment's overrides.
+- README.md: the index, with the generated findings and every experiment's overrides;
+- last, when asked, a manifest (sha256 of every file written) outside results/: Snakemake's
+  marker of a finished report, which a fresh clone with committed results/ does not have.
 
 Files left in tables/, figures/ or plots/ by earlier runs (e.g. of a removed experiment) are
 deleted, so results/ always describes exactly the current params.
@@ -15,10 +17,12 @@ deleted, so results/ always describes exactly the current params.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 from ..config import Params
+from ..io import save_json
 from ..pipeline import report_figures
 from .collect import ReportData, collect
 from .figures import write_figures, write_plot_data, writer_for
@@ -32,7 +36,8 @@ OWNED_DIRS = ("tables", "figures", "plots")
 __all__ = ["build_report", "collect", "ReportData"]
 
 
-def build_report(params: Params, results_dir: str | Path, artifacts_root: str | Path = Path(".")) -> Path:
+def build_report(params: Params, results_dir: str | Path, artifacts_root: str | Path = Path("."),
+                 manifest: str | Path | None = None) -> Path:
     """Write the whole report into `results_dir`; returns the path of its README.md."""
     results_dir, root = Path(results_dir), Path(artifacts_root)
     figure_names = report_figures(params)
@@ -55,9 +60,16 @@ def build_report(params: Params, results_dir: str | Path, artifacts_root: str | 
         params, tables, figures, findings(data.rows(data.main_experiments)), metric_phrase(data),
         git_describe(root), extra_files=["metrics.json", "plots/metric_per_stage.csv"],
     )
-    path = write_readme(results_dir / "README.md", text)  # last: Snakemake's marker of a finished report
+    path = write_readme(results_dir / "README.md", text)
+    if manifest is not None:
+        write_manifest(Path(manifest), results_dir, written + [path])
     log.info("report: %d tables, %d figures in %s", len(tables), len(figures), results_dir)
     return path
+
+
+def write_manifest(path: Path, results_dir: Path, written: list[Path]) -> None:
+    files = {str(p.relative_to(results_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in written}
+    save_json(path, {"results_dir": str(results_dir), "files": dict(sorted(files.items()))})
 
 
 def _remove_stale(results_dir: Path, written: list[Path]) -> None:

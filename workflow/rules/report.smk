@@ -5,6 +5,7 @@ rule report:
     input:
         job_inputs("report"),
     output:
+        P.report_manifest_path(),
         f"{P.RESULTS}/README.md",
         [
             report(f"{P.RESULTS}/{f}", category="Figures")
