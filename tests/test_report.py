@@ -21,7 +21,7 @@ from dodlib.report import build_report
 from dodlib.report.collect import collect, load_samples
 from dodlib.report.figures import UnknownFigureError, writer_for
 from dodlib.report.grids import compose_grid, grid_origin
-from dodlib.report.index import findings
+from dodlib.report.findings import findings, group_findings
 from dodlib.report.tables import main_table, seed_summary
 
 RAW = {
@@ -257,6 +257,39 @@ def test_findings_holds_and_does_not_hold():
     unequal = rows(20.0, 15.0).assign(train_images=[1000, 1000, 2000])
     base = [f for f in findings(unequal) if "beats sit" in f.claim][0]
     assert base.holds is None and "Not comparable" in base.evidence
+
+
+def test_equal_compute_finding_compares_final_stages():
+    def rows(two_stages: float, one_stage: float) -> pd.DataFrame:
+        return pd.DataFrame({
+            "experiment": ["d2", "d2", "s2x"], "label": ["DoD 2xN", "DoD 2xN", "SiT 2N"], "stage": [1, 2, 1],
+            "group": "equal_compute", "metric": [30.0, two_stages, one_stage], "metric_name": "FD_mnist",
+            "lem_enabled": [True, True, False], "stages_count": [2, 2, 1], "train_images": [100, 100, 200],
+            "sampling_gflops_per_image": [1.0, 2.0, 1.0], "prior_source": "generated", "cfg_scale": 1.0,
+        })
+
+    (win,) = group_findings(rows(8.0, 9.0))
+    assert win.claim == "Equal compute: DoD 2xN beats SiT 2N" and win.holds is True
+    assert "8.00" in win.evidence and "9.00" in win.evidence and "200 training images" in win.evidence
+    (loss,) = group_findings(rows(8.0, 4.0))  # stage 1 (30.0) must not be the one compared
+    assert loss.holds is False and "30.00" not in loss.evidence
+
+
+def test_cfg_finding_judges_real_priors_at_the_largest_scale():
+    def rows(real_curve: list[float]) -> pd.DataFrame:
+        scales = [1.0, 2.0, 5.0]
+        gen = [9.0, 8.0, 11.0]
+        return pd.DataFrame({
+            "experiment": [f"c{i}" for i in range(6)], "label": [f"x{i}" for i in range(6)], "stage": 2,
+            "group": "cfg_sweep", "metric": gen + real_curve, "metric_name": "FD_mnist",
+            "lem_enabled": True, "stages_count": 2, "cfg_scale": scales * 2,
+            "prior_source": ["generated"] * 3 + ["real"] * 3,
+        })
+
+    (peaked,) = group_findings(rows([7.0, 6.0, 9.0]))
+    assert peaked.holds is False and "real priors: s=1: 7.00, s=2: 6.00, s=5: 9.00 (best at s=2)" in peaked.evidence
+    (rising,) = group_findings(rows([7.0, 6.0, 5.0]))
+    assert rising.holds is True  # judged on real priors even though generated priors peak at s=2
 
 
 def test_missing_metrics_file_is_named(built, params, tmp_path):

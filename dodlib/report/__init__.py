@@ -26,7 +26,8 @@ from ..io import save_json
 from ..pipeline import report_figures
 from .collect import ReportData, collect
 from .figures import write_figures, write_plot_data, writer_for
-from .index import findings, git_describe, readme, write_readme
+from .findings import findings, group_findings
+from .index import git_describe, readme, write_readme
 from .tables import metric_phrase, build_tables, write_metrics_json
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def build_report(params: Params, results_dir: str | Path, artifacts_root: str | 
     _remove_stale(results_dir, written)
 
     text = readme(
-        params, tables, figures, findings(data.rows(data.main_experiments)), metric_phrase(data),
+        params, tables, figures, findings(data.rows(data.main_experiments)) + group_findings(data.metrics), metric_phrase(data),
         git_describe(root), extra_files=["metrics.json", "plots/metric_per_stage.csv"],
     )
     path = write_readme(results_dir / "README.md", text)
