@@ -74,7 +74,9 @@ def _relaunch_distributed(args) -> None:
     """Re-execute this command under `accelerate launch` when more than one process is asked for
     and we are not already one of its workers. Multi-node (Slurm, one task per node started by
     srun): the node rank and the main node's address come from Slurm's environment."""
-    world = args.processes * args.nodes
+    world = args.processes
+    if world % args.nodes:
+        raise SystemExit(f"dod train: --processes {world} (all nodes) is not a multiple of --nodes {args.nodes}")
     if world <= 1 or "LOCAL_RANK" in os.environ:
         return
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
@@ -212,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "train_stage1: train an experiment's network (resumes automatically)", experiment=True)
     p.add_argument("--stop-after-images", type=int, default=None, help="checkpoint and exit early (testing)")
     p.add_argument("--processes", type=int, default=1,
-                   help="processes (GPUs) per node; >1 re-launches through `accelerate launch`")
+                   help="processes (GPUs) over all nodes, like the job's total `gpu` resource; "
+                        ">1 re-launches through `accelerate launch`")
     p.add_argument("--nodes", type=int, default=1, help="nodes (multi-node: one srun task per node)")
     p = add("sample", cmd_sample, "sample_stage{k}: stage-k samples into a prior cache", experiment=True, stage=True)
     p.add_argument("--batch-size", type=int, default=None, help="compute batch (results do not depend on it)")

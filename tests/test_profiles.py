@@ -69,10 +69,42 @@ def test_sampling_and_evaluation_get_gpus(paper_plan):
         assert all(j["resources"]["gpu"] == "1" for j in paper_plan[rule])
 
 
+def sbatch_options(job: dict) -> list[str]:
+    """The sbatch options the Slurm executor plugin builds from a planned job's resources."""
+    # The plugin's own builders (the executor appends the GPU string to the submit command).
+    submit = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
+    utils = pytest.importorskip("snakemake_executor_plugin_slurm.utils")
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    resources = Resources({k: int(v) if v.isdigit() else v for k, v in job["resources"].items()})
+    params = {"run_uuid": "plan", "slurm_logfile": "slurm.log", "comment_str": "plan", "account": "",
+              "partition": f"-p {resources['slurm_partition']}", "workdir": "."}
+    fake_job = type("Job", (), {"resources": resources, "threads": 1})
+    return (submit.get_submit_command(fake_job, params) + utils.set_gres_string(fake_job)).split()
+
+
+def test_sbatch_lines_of_the_single_node_profile(paper_plan):
+    train = sbatch_options(paper_plan["train_stage1"][0])
+    assert "--gpus=8" in train and "--signal=URG@600" in train and "--mem" in train
+    assert not any(o.startswith(("--nodes=2", "--ntasks-per-gpu")) for o in train)
+    # GPU jobs get CPUs per GPU (a default cpus_per_task would override it), CPU jobs per task
+    for rule in ("train_stage1", "sample_stage2", "evaluate_stage1", "extract_latents"):
+        options = sbatch_options(paper_plan[rule][0])
+        assert "--cpus-per-gpu=8" in options and not any(o.startswith("--cpus-per-task") for o in options), rule
+    assert "--cpus-per-task=16" in sbatch_options(paper_plan["prepare_data"][0])
+    assert "--cpus-per-task=4" in sbatch_options(paper_plan["report"][0])
+
+
 def test_multinode_profile_uses_srun_one_task_per_node():
     plan = dry_run("slurm-multinode")
     for job in plan["train_stage1"]:
         r = job["resources"]
         assert r["nodes"] == "2" and r["mpi"] == "srun" and r["tasks"] == "2"
-        assert "--gpus-per-node=8" in r["slurm_extra"]
-        assert "srun --ntasks-per-node=1 dod train" in job["shell"] and "--processes 8 --nodes 2" in job["shell"]
+        assert "srun --ntasks-per-node=1 dod train" in job["shell"] and "--processes 16 --nodes 2" in job["shell"]
+        options = sbatch_options(job)
+        # 2 nodes x 8 GPUs, one task per node (the srun launcher), nothing per GPU
+        for expected in ("--nodes=2", "--ntasks=2", "--gpus=16", "--gpus-per-node=8", "--cpus-per-task=64"):
+            assert expected in options, (expected, options)
+        assert not any(o.startswith("--ntasks-per-gpu") for o in options), options

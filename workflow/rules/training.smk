@@ -15,9 +15,9 @@ rule train_stage1:
     log:
         "logs/{exp}/train_stage1.log",
     resources:
-        # One process per GPU through `accelerate launch` (`dod train --processes`). The slurm
-        # profile sets gpu; slurm-multinode also sets nodes, mpi and launcher="srun ..." so that
-        # one task per node starts the launcher with its node rank.
+        # One process per GPU through `accelerate launch` (`dod train --processes`, the job's
+        # total). The slurm profile sets gpu; slurm-multinode also sets nodes, mpi and
+        # launcher="srun ..." so that one task per node starts the launcher with its node rank.
         gpu=0,
         nodes=1,
         launcher="",
