@@ -220,7 +220,7 @@ def load_snapshots(params: Params, root: Path) -> pd.DataFrame:
     """Optional training-efficiency points (`snapshots.json`): tidy rows, one per metric value."""
     rows = []
     for name, exp in params.experiments.items():
-        path = root / P.ARTIFACTS / "exp" / name / "snapshots.json"
+        path = root / P.snapshots_path(name)
         if not path.exists():
             continue
         entries = load_json(path)

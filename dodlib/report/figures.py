@@ -127,6 +127,20 @@ def _subplots(n: int) -> tuple[Figure, list]:
 # ---- figures ---------------------------------------------------------------------------------------
 
 
+def _line_panels(data: ReportData, rows: pd.DataFrame, *, x: str, y: str, versus: str, **line_style) -> tuple[Figure, list]:
+    """One panel per Fréchet metric in `rows` (normally one): `y` against `x`, one line per
+    `series`, mean ± std over the experiments sharing a series (seeds)."""
+    names = list(dict.fromkeys(rows["metric_name"]))
+    fig, axes = _subplots(len(names))
+    for ax, name in zip(axes, names):
+        d = rows[rows["metric_name"] == name].sort_values(x)
+        sns.lineplot(data=d, x=x, y=y, hue="series", errorbar="sd", err_style="bars", ax=ax, **line_style)
+        ax.set_ylabel(_metric_axis(data, name))
+        ax.set_title(f"{name} vs {versus} (lower is better)")
+        ax.legend(title=None, fontsize="small")
+    return fig, axes
+
+
 def metric_per_stage_data(data: ReportData) -> pd.DataFrame:
     """Tidy data of Fig. 3 (right), main experiments: one row per experiment, stage and metric."""
     rows = data.rows(data.main_experiments)
@@ -216,16 +230,10 @@ def cfg_sweep(data: ReportData, stem: str) -> tuple[Figure, str]:
         else:
             series.append(f"stage {r['stage']}")
     rows = rows[(rows["prior_source"] != "real") | (rows["stage"] >= 2)].assign(series=series)
-    names = list(dict.fromkeys(rows["metric_name"]))
-    fig, axes = _subplots(len(names))
-    for ax, name in zip(axes, names):
-        d = rows[rows["metric_name"] == name].sort_values("cfg_scale")
-        sns.lineplot(data=d, x="cfg_scale", y="metric", hue="series", style="series", markers=True, dashes=False,
-                     errorbar="sd", err_style="bars", ax=ax)
+    fig, axes = _line_panels(data, rows, x="cfg_scale", y="metric", versus="guidance scale",
+                             style="series", markers=True, dashes=False)
+    for ax in axes:
         ax.set_xlabel("CFG scale (of that stage)")
-        ax.set_ylabel(_metric_axis(data, name))
-        ax.set_title(f"{name} vs guidance scale (lower is better)")
-        ax.legend(title=None, fontsize="small")
     caption = ("Fig. 3 (left): metric against the CFG scale for the experiments of group `cfg_sweep`, one line per "
                "stage; lines marked 'real priors' condition stage 2 on real latents (rFID-style).")
     return fig, caption
@@ -252,16 +260,9 @@ def training_efficiency(data: ReportData, stem: str) -> tuple[Figure, str]:
                           "metric_name": f["metric_name"], "value": f["metric"]})
     snaps = pd.concat([snaps, pd.DataFrame(extra)], ignore_index=True) if extra else snaps
     snaps["series"] = [lab if np.isnan(s) else f"{lab}, stage {int(s)}" for lab, s in zip(snaps["label"], snaps["stage"])]
-    names = list(dict.fromkeys(snaps["metric_name"]))
-    fig, axes = _subplots(len(names))
-    for ax, name in zip(axes, names):
-        d = snaps[snaps["metric_name"] == name].sort_values("train_images")
-        sns.lineplot(data=d, x="train_images", y="value", hue="series", marker="o", errorbar="sd",
-                     err_style="bars", ax=ax)
+    fig, axes = _line_panels(data, snaps, x="train_images", y="value", versus="training images", marker="o")
+    for ax in axes:
         _images_axis(ax)
-        ax.set_ylabel(_metric_axis(data, name))
-        ax.set_title(f"{name} vs training images (lower is better)")
-        ax.legend(title=None, fontsize="small")
     caption = ("Training efficiency: metric of EMA snapshots against training images for the main experiments "
                "(DoD and the SiT baseline), mean ± std over seeds.")
     return fig, caption
