@@ -49,6 +49,7 @@ def extract_latents(
 
     pending = 0
     stochastic = False
+    latent_shape: list[int] = []
     for batch, _ in tqdm(images.batches(tok_cfg.batch_size), desc=f"latents {Path(split_dir).name}",
                          total=-(-len(images) // tok_cfg.batch_size), leave=False):
         batch = torch.from_numpy(batch)
@@ -56,6 +57,7 @@ def extract_latents(
         moments = [tokenizer.encode_moments(v) for v in views]
         mean = torch.stack([m for m, _ in moments], 1).float()
         means.append(mean.numpy())
+        latent_shape = list(mean.shape[2:])
         if moments[0][1] is not None:
             stochastic = True
             stds.append(torch.stack([s for _, s in moments], 1).float().numpy())
@@ -70,7 +72,9 @@ def extract_latents(
             flush()
             pending = 0
     flush()
-    pixels = count * means_shape_hw(out_dir, shards)
+    if not count:
+        raise ValueError(f"{split_dir}: no images to encode")
+    pixels = count * latent_shape[-1] * latent_shape[-2]
     mu = (channel_sum / pixels).tolist()
     sd = (channel_sq / pixels - (channel_sum / pixels) ** 2).clamp_min(0).sqrt().tolist()
     save_npy(out_dir / "labels.npy", images.labels)
@@ -79,7 +83,7 @@ def extract_latents(
         "flips": flips,
         "stochastic": stochastic,
         "shards": shards,
-        "latent_shape": list(np.load(out_dir / f"mean-{shards[0]:05d}.npy", mmap_mode="r").shape[2:]),
+        "latent_shape": latent_shape,
         "tokenizer": tok_cfg.kind,
         "classes": images.classes,
         "channel_mean": mu,
@@ -90,10 +94,6 @@ def extract_latents(
              [round(v, 3) for v in sd])
     return meta
 
-
-def means_shape_hw(out_dir: Path, shards: list[int]) -> int:
-    shape = np.load(out_dir / f"mean-{shards[0]:05d}.npy", mmap_mode="r").shape
-    return shape[-1] * shape[-2]
 
 
 class LatentSet:
