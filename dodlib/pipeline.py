@@ -12,6 +12,7 @@ Snakemake tracks one marker file per output directory, written last; DVC tracks 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,13 @@ class StageInstance:
     cache: bool = True
 
 
+# Modules whose source shapes a stage's results. Besides being the stages' code dependencies, the
+# two with resumable state fold a digest of them into their state key: after a code edit a rerun
+# starts over instead of resuming (or reusing) checkpoints and shards made by the old code.
+TRAIN_CODE = ("train", "transport", "models")
+SAMPLE_CODE = ("sample", "samplers", "guidance")
+
+
 def _code(*modules: str) -> list[str]:
     """Source files of the given dodlib modules or packages, relative to the repository."""
     files = []
@@ -114,6 +122,14 @@ def _code(*modules: str) -> list[str]:
         else:
             files.append(str(path.with_suffix(".py").relative_to(PACKAGE.parent)))
     return files
+
+
+def code_digest(modules: tuple[str, ...]) -> str:
+    """sha256 over the source files of `modules` (their paths and bytes)."""
+    h = hashlib.sha256()
+    for rel in _code(*modules):
+        h.update(rel.encode() + b"\0" + (PACKAGE.parent / rel).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _lookup(raw: dict, dotted: str):
@@ -183,7 +199,7 @@ def stages(params: Params) -> list[StageInstance]:
             out.append(StageInstance(
                 name=f"train_stage1-{name}", rule="train_stage1", area="training",
                 cmd=f"dod train --experiment {name}", deps=[lat_marker], outs=[train_dir(name)],
-                markers=[weights_path(name)], code=_code("train", "transport", "models"),
+                markers=[weights_path(name)], code=_code(*TRAIN_CODE),
                 params=_params(raw, ["model", "lem", "train"], [f"{x}.model", f"{x}.lem", f"{x}.train"]),
                 wildcards={"exp": name}, plots=[f"{train_dir(name)}/train_log.csv"],
             ))
@@ -197,7 +213,7 @@ def stages(params: Params) -> list[StageInstance]:
             out.append(StageInstance(
                 name=f"sample_stage{k}-{name}", rule=f"sample_stage{k}", area="sampling",
                 cmd=f"dod sample --experiment {name} --stage {k}", deps=deps, outs=[stage_dir(name, k)],
-                markers=[marker(stage_dir(name, k))], code=_code("sample", "samplers", "guidance"),
+                markers=[marker(stage_dir(name, k))], code=_code(*SAMPLE_CODE),
                 params=_params(raw, ["sample"], stage_keys), wildcards={"exp": name},
             ))
             out.append(StageInstance(
@@ -225,7 +241,7 @@ def stages(params: Params) -> list[StageInstance]:
                 deps=[weights_path(name), marker(reference_dir(), "reference.npz")]
                 + ([marker(features_dir(), "model.safetensors")] if detector == "features" else []),
                 outs=[snapshots_path(name)], markers=[snapshots_path(name)],
-                code=_code("snapshots", "sample", "samplers", "guidance", "metrics/evaluate"),
+                code=_code("snapshots", *SAMPLE_CODE, "metrics/evaluate"),
                 params=_params(raw, ["sample", "eval.batch_size", "eval.pr_k"], [
                     f"stages.overrides.{k}" for k in snapshot_stages] + [f"{x}.sample"] + [
                     f"{x}.stages.overrides.{k}" for k in snapshot_stages]),

@@ -6,7 +6,7 @@ same class and the stage k-1 latent as prior (through the LEM once per batch, no
 Sample i of stage k is a pure function of (weights, prior_i, sample.seed, i, k): its class, noise
 and SDE increments come from its own generator, so it is bit-identical whatever the batch size,
 the number of processes or an interruption. Shards are written as they finish into a state
-directory keyed by everything that determines them; a rerun resumes from the finished shards, and
+directory keyed by everything that determines them (the sampling code included); a rerun resumes from the finished shards, and
 the declared output directory is filled (hard links) only when the stage is complete.
 """
 
@@ -27,6 +27,7 @@ from .config import ExperimentConfig, fingerprint
 from .guidance import make_guided_velocity_fn
 from .io import load_json, save_json, save_npy
 from .latents import LatentSet
+from .pipeline import SAMPLE_CODE, code_digest
 from .samplers import SamplerSpec, run_sampler
 from .train import load_weights
 
@@ -120,7 +121,7 @@ def sample_stage(
         "weights": _file_digest(weights),
         "prior": None if prior is None else prior.meta.get("fingerprint"),
         "stage": stage, "seed": scfg.seed, "n": n, "shard_size": scfg.shard_size, "micro": scfg.micro_batch,
-        "sampling": dataclasses.asdict(stage_cfg),
+        "sampling": dataclasses.asdict(stage_cfg), "code": code_digest(SAMPLE_CODE),
     })
     state_dir = Path(state_root) / key
     state_dir.mkdir(parents=True, exist_ok=True)

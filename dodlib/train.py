@@ -6,8 +6,8 @@ run replays exactly what an uninterrupted run would have done: resuming needs th
 optimizer state plus the step counter, nothing else.
 
 Resumable state lives in `state_dir` (outside the declared outputs, which Snakemake deletes before
-a job runs), keyed by a fingerprint of everything that shapes training: a changed parameter starts
-a fresh run instead of resuming a stale one. Declared outputs are written once at the end.
+a job runs), keyed by a fingerprint of everything that shapes training, the training code included: a changed
+parameter or an edited module starts a fresh run instead of resuming a stale one. Declared outputs are written once at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ExperimentConfig, fingerprint
 from .io import atomic_path, load_json, save_json
+from .pipeline import TRAIN_CODE, code_digest
 from .latents import LatentSet
 from .models import DoDModel
 from .transport import interpolate, sample_t
@@ -207,7 +208,8 @@ def train(
     latents = LatentSet(latents_dir)
     spec = model_spec(exp, latents.latent_shape, latents.num_classes)
     run_key = fingerprint({"spec": spec, "train": dataclasses.asdict(cfg), "lem": dataclasses.asdict(exp.lem),
-                           "init_from": exp.model.init_from, "latents": latents.meta})
+                           "init_from": exp.model.init_from, "latents": latents.meta,
+                           "code": code_digest(TRAIN_CODE)})
     state_dir = Path(state_root) / run_key
     state_dir.mkdir(parents=True, exist_ok=True)
     out_dir = Path(out_dir)

@@ -316,3 +316,24 @@ def test_main_table_order_follows_report_main_table(built):
     data = collect(parse_params(raw), built["root"])
     df = main_table(data).data
     assert list(dict.fromkeys(df["experiment"])) == ["sit", "dod"]
+
+
+def test_git_describe_ignores_the_reports_own_output(tmp_path):
+    import subprocess
+
+    from dodlib.report.index import git_describe
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "README.md").write_text("old\n")
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    (tmp_path / "results" / "README.md").write_text("new\n")
+    assert "uncommitted" not in git_describe(tmp_path)
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert "uncommitted" in git_describe(tmp_path)

@@ -47,6 +47,18 @@ def test_samples_identical_across_batch_sizes_and_resume(trained, tmp_path, samp
     assert images_a.dtype == np.uint8 and np.array_equal(images_a, images_c)
 
 
+def test_edited_sampler_code_does_not_reuse_finished_shards(trained, tmp_path, monkeypatch):
+    from tests.test_train import edited_package
+
+    params, weights = trained
+    with pytest.raises(InterruptedError):
+        _sample(params, weights, tmp_path, "run", batch_size=8, stop_after_shards=1)
+    edited_package(tmp_path, monkeypatch, "samplers.py")
+    with pytest.raises(InterruptedError):
+        _sample(params, weights, tmp_path, "run", batch_size=8, stop_after_shards=1)
+    assert len(list((tmp_path / "run" / "state").iterdir())) == 2
+
+
 def test_three_stages_chain_priors(trained, tmp_path):
     params, weights = trained
     m1, s1 = _sample(params, weights, tmp_path, "s1", stage=1)

@@ -61,6 +61,31 @@ def test_changed_training_parameter_does_not_resume_stale_state(tiny_raw, prepar
     assert len(list((tmp_path / "run" / "state").iterdir())) == 2  # a fresh run dir, the old one kept
 
 
+def edited_package(tmp_path, monkeypatch, module: str):
+    """A copy of dodlib with one source file edited, as the package the pipeline hashes."""
+    import shutil
+
+    from dodlib import pipeline as P
+
+    copy = tmp_path / "src" / "dodlib"
+    shutil.copytree(P.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / module, "a") as f:
+        f.write("\n# edited\n")
+    monkeypatch.setattr(P, "PACKAGE", copy)
+
+
+def test_edited_training_code_does_not_resume_stale_state(tiny_raw, prepared, tmp_path, monkeypatch):
+    from dodlib.config import parse_params
+
+    exp = parse_params(tiny_raw).experiment("sit")
+    with pytest.raises(Preempted):
+        _train(exp, prepared, tmp_path, "run", stop_after_images=256)
+    edited_package(tmp_path, monkeypatch, "transport.py")
+    with pytest.raises(Preempted):
+        _train(exp, prepared, tmp_path, "run", stop_after_images=256)
+    assert len(list((tmp_path / "run" / "state").iterdir())) == 2  # the edit starts a fresh run
+
+
 def test_batch_order_covers_each_epoch_once():
     idx = batch_indices(seed=3, step=0, batch_size=10, dataset_size=10)
     assert sorted(idx.tolist()) == list(range(10))

@@ -27,7 +27,8 @@ def git_describe(cwd: Path) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout, or no commit yet)"
     try:
-        dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+        # results/ is this report's own output: only code and params make the commit "dirty".
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"))
     except (OSError, subprocess.SubprocessError):
         dirty = False
     return f"`{commit}`" + (" (with uncommitted changes)" if dirty else "")
