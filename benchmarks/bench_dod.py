@@ -51,7 +51,7 @@ from dodlib.config import CFGConfig, ExperimentConfig, load_params, parse_params
 from dodlib.models.sizes import SIZES  # noqa: E402
 from dodlib.sample import _velocity_fn, fixed_shape, sample_seed  # noqa: E402
 from dodlib.samplers import SamplerSpec, run_sampler  # noqa: E402
-from dodlib.train import PriorConditionedLoss, build_model, make_batch, model_spec  # noqa: E402
+from dodlib.train import PriorConditionedLoss, SelfPriors, build_model, make_batch, model_spec  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,6 +97,7 @@ class SyntheticLatents:
 
     def __init__(self, shape: tuple[int, int, int], num_classes: int, size: int = 4096):
         self.latent_shape, self.num_classes, self.size = tuple(shape), num_classes, size
+        self.meta: dict = {}
 
     def __len__(self) -> int:
         return self.size
@@ -172,12 +173,14 @@ def bench_train(exp: ExperimentConfig, latent_shape, num_classes: int, warmup: i
                                   betas=tuple(cfg.betas))
     latents = SyntheticLatents(latent_shape, num_classes)
     # A few distinct batches, made before timing (the synthetic data path is not what we measure).
-    batches = [make_batch(exp, latents, s, num_classes, use_prior) for s in range(min(4, warmup + steps))]
+    data = SelfPriors(latents)  # stage-1 training: the LEM sees each clean latent
+    batches = [make_batch(cfg, exp.lem.prior_dropout, data, s, num_classes, use_prior)
+               for s in range(min(4, warmup + steps))]
 
     def one_step(i: int) -> None:
         b = batches[i % len(batches)]
         loss = wrapped(b.x_t.to(device), b.t.to(device), b.y.to(device), b.target.to(device),
-                       b.x1.to(device), None if b.prior_keep is None else b.prior_keep.to(device)).mean()
+                       b.prior_latent.to(device), None if b.prior_keep is None else b.prior_keep.to(device)).mean()
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -408,7 +411,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=None,
                    help="token count (a square number); overrides H = W of --latent as patch x sqrt(tokens)")
     p.add_argument("--classes", type=int, default=10, help="number of classes (10 = digits, 1000 = ImageNet)")
-    p.add_argument("--batch", type=int, default=128, help="training batch size")
+    p.add_argument("--batch", type=int, default=None, help="training batch size (default: params train.batch_size)")
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps")
     p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--steps", type=int, default=50, help="Euler sampler steps (NFE)")
@@ -429,6 +432,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     base = base_experiment(args.params)
+    args.batch = args.batch or base.train.batch_size
     patch = base.model.patch_size
     c, h, _ = args.latent
     if args.tokens is not None:

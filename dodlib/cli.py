@@ -28,7 +28,10 @@ def _device(args):
 
     if args.device:
         return torch.device(args.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    # One GPU per process under `accelerate launch` (--processes N).
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 # ---- stage commands ---------------------------------------------------------------------------
@@ -72,11 +75,12 @@ def cmd_reference_stats(args) -> None:
 
 def _relaunch_distributed(args) -> None:
     """Re-execute this command under `accelerate launch` when more than one process is asked for
-    and we are not already one of its workers. Multi-node (Slurm, one task per node started by
-    srun): the node rank and the main node's address come from Slurm's environment."""
+    and we are not already one of its workers (one per GPU; on a CPU-only machine the processes
+    form a gloo group). Multi-node (Slurm, one task per node started by srun): the node rank and
+    the main node's address come from Slurm's environment."""
     world = args.processes
     if world % args.nodes:
-        raise SystemExit(f"dod train: --processes {world} (all nodes) is not a multiple of --nodes {args.nodes}")
+        raise SystemExit(f"dod {args.command}: --processes {world} (all nodes) is not a multiple of --nodes {args.nodes}")
     if world <= 1 or "LOCAL_RANK" in os.environ:
         return
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
@@ -94,14 +98,19 @@ def _relaunch_distributed(args) -> None:
 def cmd_train(args) -> None:
     from .train import EXIT_PREEMPTED, Preempted, train
 
+    params = _load(args)  # before any relaunch: a bad file fails once, in this process
     _relaunch_distributed(args)
-    params = _load(args)
     exp = params.experiment(args.experiment)
     if exp.weights_from:
         raise ConfigError(f"experiments.{exp.name}.weights_from: this experiment does not train")
+    k = args.stage
+    if k > 1 and k not in exp.stages.finetuned():
+        raise ConfigError(f"--stage {k}: experiments.{exp.name}.stages.finetune has no stage {k} "
+                          f"(fine-tuned stages: {exp.stages.finetuned() or 'none'})")
+    fine_tuning = {} if k == 1 else {"init_weights": P.weights_path(exp.name, k - 1), "pairs_dir": P.pairs_dir(exp.name, k)}
     try:
-        train(exp, f"{P.latents_dir()}/train", P.train_dir(exp.name), P.state_dir("train", exp.name),
-              stop_after_images=args.stop_after_images)
+        train(exp, f"{P.latents_dir()}/train", P.train_dir(exp.name, k), P.state_dir("train", exp.name, k if k > 1 else 0),
+              stage=k, stop_after_images=args.stop_after_images, **fine_tuning)
     except Preempted as err:
         log.warning("%s", err)
         sys.exit(EXIT_PREEMPTED)
@@ -112,6 +121,7 @@ def cmd_sample(args) -> None:
     from .tokenizers import build_tokenizer
 
     params = _load(args)
+    _relaunch_distributed(args)
     exp = params.experiment(args.experiment)
     k = args.stage
     if not 1 <= k <= exp.stages.count:
@@ -123,8 +133,24 @@ def cmd_sample(args) -> None:
         else:
             prior = PriorCache(P.stage_dir(exp.name, k - 1))
     device = _device(args)
-    sample_stage(exp, k, P.weights_path(exp.trainer), P.stage_dir(exp.name, k), P.state_dir("sample", exp.name, k),
-                 build_tokenizer(exp.tokenizer, device), prior=prior, batch_size=args.batch_size, device=device)
+    sample_stage(exp, k, P.sampling_weights_path(params, exp.name, k), P.stage_dir(exp.name, k),
+                 P.state_dir("sample", exp.name, k), build_tokenizer(exp.tokenizer, device), prior=prior,
+                 batch_size=args.batch_size, device=device)
+
+
+def cmd_pair_priors(args) -> None:
+    from .sample import PriorCache, pair_priors
+
+    params = _load(args)
+    _relaunch_distributed(args)
+    exp = params.experiment(args.experiment)
+    k = args.stage
+    if exp.weights_from or k not in exp.stages.finetuned():
+        raise ConfigError(f"--stage {k}: experiments.{exp.name} does not fine-tune stage {k}")
+    previous = PriorCache(P.pairs_dir(exp.name, k - 1)) if k > 2 else None
+    pair_priors(exp, k, P.weights_path(exp.name, k - 1), f"{P.latents_dir()}/train", P.pairs_dir(exp.name, k),
+                P.state_dir("pairs", exp.name, k), previous=previous, batch_size=args.batch_size,
+                device=_device(args))
 
 
 def cmd_evaluate(args) -> None:
@@ -133,7 +159,8 @@ def cmd_evaluate(args) -> None:
     params = _load(args)
     exp = params.experiment(args.experiment)
     evaluate_stage(exp, args.stage, P.stage_dir(exp.name, args.stage), P.reference_dir(), P.features_dir(),
-                   P.weights_path(exp.trainer), P.metrics_path(exp.name, args.stage), device=_device(args))
+                   P.sampling_weights_path(params, exp.name, args.stage), P.metrics_path(exp.name, args.stage),
+                   train_images=params.experiment(exp.trainer).train_images(args.stage), device=_device(args))
 
 
 def cmd_probe(args) -> None:
@@ -211,14 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("extract-latents", cmd_extract_latents, "extract_latents: images -> latent moments (both flips)")
     add("train-features", cmd_train_features, "train_feature_net: the data-set feature network for metrics")
     add("reference-stats", cmd_reference_stats, "reference_stats: detector statistics of the real images")
-    p = add("train", cmd_train, "train_stage1: train an experiment's network (resumes automatically)", experiment=True)
+    def add_processes(p):
+        p.add_argument("--processes", type=int, default=1,
+                       help="processes (GPUs) over all nodes, like the job's total `gpu` resource; "
+                            ">1 re-launches through `accelerate launch`")
+        p.add_argument("--nodes", type=int, default=1, help="nodes (multi-node: one srun task per node)")
+
+    p = add("train", cmd_train, "train_stage{k}: train an experiment's stage-1 network, or fine-tune stage k >= 2 "
+            "on its paired priors (resumes automatically)", experiment=True)
+    p.add_argument("--stage", type=int, default=1, help="1 (default), or a stage listed in stages.finetune")
     p.add_argument("--stop-after-images", type=int, default=None, help="checkpoint and exit early (testing)")
-    p.add_argument("--processes", type=int, default=1,
-                   help="processes (GPUs) over all nodes, like the job's total `gpu` resource; "
-                        ">1 re-launches through `accelerate launch`")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (multi-node: one srun task per node)")
+    add_processes(p)
     p = add("sample", cmd_sample, "sample_stage{k}: stage-k samples into a prior cache", experiment=True, stage=True)
     p.add_argument("--batch-size", type=int, default=None, help="compute batch (results do not depend on it)")
+    add_processes(p)
+    p = add("pair-priors", cmd_pair_priors, "pair_priors_stage{k}: training latents noised to t0 and regenerated "
+            "by stage k-1, the paired prior cache that fine-tunes stage k", experiment=True, stage=True)
+    p.add_argument("--batch-size", type=int, default=None, help="compute batch (results do not depend on it)")
+    add_processes(p)
     add("evaluate", cmd_evaluate, "evaluate_stage{k}: metrics JSON for a stage's samples", experiment=True, stage=True)
     add("probe", cmd_probe, "probe: linear probe (top-1) of the LEM bottleneck on held-out real latents",
         experiment=True)

@@ -72,8 +72,9 @@ def reference_stats_stage(exp: ExperimentConfig, data_dir, features_dir, out_dir
 
 
 def evaluate_stage(exp: ExperimentConfig, stage: int, samples_dir, reference_dir, features_dir, weights_path,
-                   out_path, device="cpu") -> dict:
-    """Metrics of one stage's samples: metrics JSON with the sample count and the detector named."""
+                   out_path, *, train_images: int, device="cpu") -> dict:
+    """Metrics of one stage's samples: metrics JSON with the sample count and the detector named.
+    `train_images`: images behind the network that sampled it (fine-tuning included)."""
     from .sample import PriorCache
 
     samples = PriorCache(samples_dir)
@@ -100,7 +101,7 @@ def evaluate_stage(exp: ExperimentConfig, stage: int, samples_dir, reference_dir
         "prior_source": meta.get("prior_source"),
         "msd_to_prior": meta.get("msd_to_prior"),
         "msd_within_class": meta.get("msd_within_class"),
-        "train_images": exp.train.images,
+        "train_images": train_images,
         "sampling_gflops_per_image": gflops,
         **_parameter_counts(weights_path),
     }

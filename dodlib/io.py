@@ -7,6 +7,7 @@ rename is atomic on POSIX file systems, so readers see either the old file or th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -44,6 +45,15 @@ def save_json(path: str | Path, obj: Any) -> None:
 
 def load_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 24) -> str:
+    """Short sha256 of a file's bytes (weights in state keys: a changed file means new state)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:

@@ -95,7 +95,6 @@ def extract_latents(
     return meta
 
 
-
 class LatentSet:
     """Memory-mapped latent moments; `draw` samples the posterior and the flip per image."""
 
@@ -131,10 +130,12 @@ class LatentSet:
             out[j] = arrays[s][i - self.offsets[s], f]
         return torch.from_numpy(out)
 
-    def draw(self, index: np.ndarray, generator: torch.Generator, *, sample_posterior: bool = True):
-        """Latents for `index`: a random flip (if cached) and a fresh posterior sample each call."""
+    def draw(self, index: np.ndarray, generator: torch.Generator, *, sample_posterior: bool = True,
+             flip: bool = True):
+        """Latents for `index`: a random flip (if cached and `flip`) and a fresh posterior sample
+        each call."""
         index = np.asarray(index)
-        flips = torch.randint(0, self.meta["flips"], (len(index),), generator=generator).numpy()
+        flips = torch.randint(0, self.meta["flips"] if flip else 1, (len(index),), generator=generator).numpy()
         mean = self._gather(self.mean, index, flips)
         if self.std is not None and sample_posterior:
             eps = torch.randn(mean.shape, generator=generator)

@@ -25,8 +25,8 @@ import torch
 
 from .config import ExperimentConfig, fingerprint
 from .guidance import make_guided_velocity_fn
-from .io import load_json, save_json, save_npy
-from .latents import LatentSet
+from .io import file_digest, load_json, save_json, save_npy
+from .priors import PriorCache, RealPriors
 from .pipeline import SAMPLE_CODE, code_digest
 from .samplers import SamplerSpec, run_sampler
 from .train import load_weights
@@ -36,53 +36,22 @@ log = logging.getLogger(__name__)
 PRIOR_FILES = ("latents", "labels", "seeds")
 
 
-def sample_seed(base_seed: int, index: int, stage: int) -> int:
-    """Per-sample, per-stage seed: independent of batching; distinct across stages."""
-    digest = hashlib.sha256(f"{base_seed}/{index}/{stage}".encode()).digest()
+def sample_seed(base_seed: int, index: int, stage: int, kind: str = "sample") -> int:
+    """Per-sample, per-stage seed: independent of batching; distinct across stages and across
+    kinds of run (samples vs the fine-tuning pairs of a stage)."""
+    text = f"{base_seed}/{index}/{stage}" + ("" if kind == "sample" else f"/{kind}")
+    digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class PriorCache:
-    """Read side of a stage's output: latents, labels and seeds in shards (+ decoded images)."""
+@dataclasses.dataclass
+class Inputs:
+    """What sample i of a run starts from and is conditioned on (arrays indexed by sample)."""
 
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
-        if not (self.dir / "meta.json").exists():
-            raise FileNotFoundError(f"{self.dir}: no meta.json - the prior cache is missing or unfinished")
-        self.meta = load_json(self.dir / "meta.json")
-
-    def __len__(self) -> int:
-        return self.meta["num_samples"]
-
-    def load(self, what: str) -> np.ndarray:
-        return np.concatenate([np.load(self.dir / f"{what}-{j:05d}.npy") for j in range(self.meta["num_shards"])])
-
-    def image_batches(self):
-        for j in range(self.meta["num_shards"]):
-            yield np.load(self.dir / f"images-{j:05d}.npy", mmap_mode="r")
-
-
-class RealPriors:
-    """Priors from real latents (rFID, paper Fig. 3 left): posterior means of real images, taken
-    class-interleaved (the i-th prior is the (i // C)-th image of class i % C) so any prefix is
-    class-balanced even when the split is stored sorted by class."""
-
-    def __init__(self, latents_dir: str | Path):
-        self.set = LatentSet(latents_dir)
-        labels = self.set.labels.numpy()
-        rank = np.empty(len(labels), np.int64)
-        for c in np.unique(labels):
-            members = np.flatnonzero(labels == c)
-            rank[members] = np.arange(len(members))
-        self.order = np.lexsort((labels, rank))  # by rank within class, then class
-        self.meta = {"fingerprint": fingerprint(self.set.meta), "source": str(latents_dir)}
-
-    def __len__(self) -> int:
-        return len(self.set)
-
-    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        index = self.order[:n]
-        return self.set.means(index).numpy(), self.set.labels[torch.from_numpy(index)].numpy()
+    labels: np.ndarray | None = None  # class of each sample (None: i % num_classes, class-balanced)
+    priors: np.ndarray | None = None  # prior latent of each sample (stages >= 2)
+    starts: np.ndarray | None = None  # clean latents to noise to t_start (paired priors)
+    t_start: float = 0.0
 
 
 def sample_stage(
@@ -99,111 +68,191 @@ def sample_stage(
     device: str | torch.device = "cpu",
     stop_after_shards: int | None = None,
 ) -> dict:
-    """Run stage `stage` of `exp`; writes out_dir/{latents,labels,seeds,images}-NNNNN.npy + meta.json."""
+    """Run stage `stage` of `exp`; writes out_dir/{latents,labels,seeds,images}-NNNNN.npy + meta.json.
+    Under several processes (`accelerate launch`) each takes every world-th shard; the main one
+    publishes the output once all are done."""
     if stage >= 2 and prior is None:
         raise ValueError(f"stage {stage} needs the prior cache of stage {stage - 1}")
-    scfg = exp.sample
-    stage_cfg = exp.stage_sampling(stage)
-    n = num_samples or scfg.num_samples
+    n = num_samples or exp.sample.num_samples
     if isinstance(prior, RealPriors):
         n = min(n, len(prior))
     elif prior is not None and len(prior) < n:
         raise ValueError(f"the stage-{stage - 1} prior cache has {len(prior)} samples; stage {stage} needs {n}")
+    inputs = Inputs()
+    if isinstance(prior, PriorCache):
+        inputs.priors, inputs.labels = prior.load("latents")[:n], prior.load("labels")[:n]
+    elif isinstance(prior, RealPriors):
+        inputs.priors, inputs.labels = prior.take(n)
+    meta = _run(exp, stage, weights, out_dir, state_root, inputs, n, tokenizer=tokenizer,
+                prior_key=None if prior is None else prior.meta.get("fingerprint"), batch_size=batch_size,
+                device=device, stop_after_shards=stop_after_shards, seed_kind="sample")
+    if meta is not None:
+        meta["prior_source"] = None if prior is None else ("real" if isinstance(prior, RealPriors) else "generated")
+        _finish(Path(out_dir), meta, against=inputs.priors, labels=inputs.labels)
+    return meta
+
+
+def pair_priors(
+    exp: ExperimentConfig,
+    stage: int,
+    weights: str | Path,
+    latents_dir: str | Path,
+    out_dir: str | Path,
+    state_root: str | Path,
+    *,
+    previous: PriorCache | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    stop_after_shards: int | None = None,
+) -> dict:
+    """The paired prior cache that fine-tunes stage `stage` (>= 2): each training latent noised to
+    `t0` and regenerated by the stage-(stage-1) sampler with `weights` (stage-1's network, or
+    stage-(stage-1)'s fine-tuned one, conditioned on `previous`, that stage's own pairs).
+    Writes out_dir/{latents,labels,seeds,index}-NNNNN.npy + meta.json; `index` names the
+    training latent each prior belongs to."""
+    ft = exp.finetune(stage)
+    source = stage - 1
+    if source >= 2 and previous is None:
+        raise ValueError(f"the pairs of stage {stage} are regenerated by stage {source}: it needs stage {source}'s pairs")
+    real = RealPriors(latents_dir)
+    n = min(ft.num_pairs or len(real), len(real))
+    index = real.order[:n]
+    starts, labels = real.take(n)
+    inputs = Inputs(labels=labels, starts=starts, t_start=ft.t0)
+    if previous is not None:
+        if len(previous) < n or not np.array_equal(previous.load("index")[:n], index):
+            raise ValueError(f"{previous.dir}: its pairs do not cover the first {n} training latents of stage {stage}'s")
+        inputs.priors = previous.load("latents")[:n]
+    meta = _run(exp, source, weights, out_dir, state_root, inputs, n, tokenizer=None,
+                prior_key=[real.meta["fingerprint"], None if previous is None else previous.meta["fingerprint"]],
+                batch_size=batch_size, device=device, stop_after_shards=stop_after_shards,
+                seed_kind=f"pairs{stage}", seed=ft.seed, extra_files={"index": index})
+    if meta is not None:
+        meta.update(purpose=f"fine-tuning pairs of stage {stage}", t0=ft.t0, regenerated_by_stage=source,
+                    prior_source=None if previous is None else "pairs")
+        _finish(Path(out_dir), meta, against=starts, labels=labels, name="msd_to_clean")
+    return meta
+
+
+def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, tokenizer, prior_key, batch_size,
+         device, stop_after_shards, seed_kind, seed=None, extra_files=None) -> dict | None:
+    """Sample n latents with stage `stage`'s sampler into shards under a state directory keyed by
+    everything that determines them; publish them to out_dir when all exist. Returns the meta
+    (main process) or None (other processes)."""
+    from accelerate import PartialState
+
+    procs = PartialState(cpu=torch.device(device).type == "cpu")
+    scfg = exp.sample
+    stage_cfg = exp.stage_sampling(stage)
+    seed = scfg.seed if seed is None else seed
     batch_size = batch_size or scfg.batch_size
     weights = Path(weights)
     model = load_weights(weights, device)
     num_classes = model.config["num_classes"]
-    if stage >= 2 and model.lem is None:
+    if inputs.priors is not None and model.lem is None:
         raise ValueError(f"experiments.{exp.name}: stage {stage} needs a prior, but the model has no LEM (lem.enabled)")
     latent_shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
+    # Regeneration from t_start keeps the step size of a full run: (1 - t_start) of its steps.
+    num_steps = max(1, round(stage_cfg.sampler.num_steps * (1 - inputs.t_start)))
+    spec = SamplerSpec(method=stage_cfg.sampler.method, num_steps=num_steps,
+                       diffusion_scale=stage_cfg.sampler.diffusion_scale,
+                       last_step_size=stage_cfg.sampler.last_step_size)
 
     key = fingerprint({
-        "weights": _file_digest(weights),
-        "prior": None if prior is None else prior.meta.get("fingerprint"),
-        "stage": stage, "seed": scfg.seed, "n": n, "shard_size": scfg.shard_size, "micro": scfg.micro_batch,
+        "weights": file_digest(weights), "prior": prior_key, "stage": stage, "seed": seed, "kind": seed_kind,
+        "n": n, "shard_size": scfg.shard_size, "micro": scfg.micro_batch, "t_start": inputs.t_start,
         "sampling": dataclasses.asdict(stage_cfg), "code": code_digest(SAMPLE_CODE),
     })
     state_dir = Path(state_root) / key
     state_dir.mkdir(parents=True, exist_ok=True)
-    spec = SamplerSpec(method=stage_cfg.sampler.method, num_steps=stage_cfg.sampler.num_steps,
-                       diffusion_scale=stage_cfg.sampler.diffusion_scale,
-                       last_step_size=stage_cfg.sampler.last_step_size)
     num_shards = -(-n // scfg.shard_size)
-    prior_latents = prior_labels = None
-    if isinstance(prior, PriorCache):
-        prior_latents, prior_labels = prior.load("latents"), prior.load("labels")
-    elif isinstance(prior, RealPriors):
-        prior_latents, prior_labels = prior.take(n)
-
+    mine = [j for j in range(num_shards) if j % procs.num_processes == procs.process_index]
     timing = {"seconds": 0.0, "lem_seconds": 0.0, "decode_seconds": 0.0}
-    done_before = sum(_shard_done(state_dir, j) for j in range(num_shards))
+    done_before = sum(_shard_done(state_dir, j) for j in mine)
     if done_before:
-        log.info("stage %d of %s: resuming, %d/%d shards already done", stage, exp.name, done_before, num_shards)
+        log.info("stage %d of %s: resuming, %d/%d shards already done", stage, exp.name, done_before, len(mine))
     from tqdm import tqdm
 
-    bar = tqdm(total=n, desc=f"{exp.name} stage {stage}", unit="img", mininterval=2)
+    bar = tqdm(total=sum(min(scfg.shard_size, n - j * scfg.shard_size) for j in mine), unit="img", mininterval=2,
+               desc=f"{exp.name} stage {stage}" + (f" [{seed_kind}]" if seed_kind != "sample" else ""),
+               disable=not procs.is_local_main_process)
     written = 0
-    for j in range(num_shards):
+    for j in mine:
         lo, hi = j * scfg.shard_size, min((j + 1) * scfg.shard_size, n)
         if _shard_done(state_dir, j):
             bar.update(hi - lo)
             continue
-        shard = {"latents": [], "labels": [], "seeds": [], "images": []}
+        shard = {"latents": [], "labels": [], "seeds": []} | ({"images": []} if tokenizer is not None else {})
         for start in range(lo, hi, batch_size):
             index = np.arange(start, min(start + batch_size, hi))
             t0 = time.perf_counter()
-            seeds = [sample_seed(scfg.seed, int(i), stage) for i in index]
+            seeds = [sample_seed(seed, int(i), stage, seed_kind) for i in index]
             gens = [torch.Generator().manual_seed(s) for s in seeds]
-            if prior_labels is not None:
-                labels = torch.from_numpy(prior_labels[index]).long()
+            if inputs.labels is not None:
+                labels = torch.from_numpy(inputs.labels[index]).long()
             else:
                 labels = torch.from_numpy(index % num_classes).long()  # class-balanced
-            x0 = torch.stack([torch.randn(latent_shape, generator=g) for g in gens]).to(device)
+            x = torch.stack([torch.randn(latent_shape, generator=g) for g in gens])
+            if inputs.starts is not None:  # the interpolant at t_start: t x1 + (1 - t) noise
+                x = inputs.t_start * torch.from_numpy(inputs.starts[index]) + (1 - inputs.t_start) * x
             with torch.inference_mode():
                 prior_emb = None
-                if prior_latents is not None:
+                if inputs.priors is not None:
                     tl = time.perf_counter()
                     prior_emb = fixed_shape(model.encode_prior, scfg.micro_batch)(
-                        torch.from_numpy(prior_latents[index]).to(device))
+                        torch.from_numpy(inputs.priors[index]).to(device))
                     timing["lem_seconds"] += time.perf_counter() - tl
                 velocity_fn = _velocity_fn(fixed_shape(model, scfg.micro_batch), labels.to(device), prior_emb,
                                            stage_cfg.cfg, num_classes)
                 noise_fn = lambda step: torch.stack(  # noqa: E731  per-sample SDE increments
                     [torch.randn(latent_shape, generator=g) for g in gens]).to(device)
-                x, nfe = run_sampler(spec, velocity_fn, x0, noise_fn)
-                td = time.perf_counter()
-                images = fixed_shape(tokenizer.decode, scfg.micro_batch)(x)
-                timing["decode_seconds"] += time.perf_counter() - td
+                x, nfe = run_sampler(spec, velocity_fn, x.to(device), noise_fn, t_start=inputs.t_start)
+                if tokenizer is not None:
+                    td = time.perf_counter()
+                    shard["images"].append(fixed_shape(tokenizer.decode, scfg.micro_batch)(x).cpu().numpy())
+                    timing["decode_seconds"] += time.perf_counter() - td
             timing["seconds"] += time.perf_counter() - t0
             shard["latents"].append(x.float().cpu().numpy())
             shard["labels"].append(labels.numpy())
             shard["seeds"].append(np.asarray(seeds, dtype=np.int64))
-            shard["images"].append(images.cpu().numpy())
             bar.update(len(index))
+        for what, array in (extra_files or {}).items():
+            shard[what] = [array[lo:hi]]
         for what, parts in shard.items():
             save_npy(state_dir / f"{what}-{j:05d}.npy", np.concatenate(parts))
         save_json(state_dir / f"shard-{j:05d}.json", {"samples": hi - lo, "nfe": nfe, **timing})
         written += 1
-        if stop_after_shards is not None and written >= stop_after_shards and j + 1 < num_shards:
+        if stop_after_shards is not None and written >= stop_after_shards and j != mine[-1]:
             bar.close()
             raise InterruptedError(f"stopped after {written} shards (state kept in {state_dir})")
     bar.close()
-
-    meta = {
+    procs.wait_for_everyone()
+    if not procs.is_main_process:
+        return None
+    files = PRIOR_FILES + tuple(extra_files or ()) + (("images",) if tokenizer is not None else ())
+    _publish(state_dir, Path(out_dir), num_shards, files)
+    return {
         "experiment": exp.name, "stage": stage, "num_samples": n, "num_shards": num_shards,
-        "shard_size": scfg.shard_size, "seed": scfg.seed, "fingerprint": key,
+        "shard_size": scfg.shard_size, "seed": seed, "fingerprint": key, "files": list(files),
         "nfe": spec.nfe, "cfg_doubles_batch": stage_cfg.cfg.scale != 1,
-        "sampling": dataclasses.asdict(stage_cfg),
-        "prior_source": None if prior is None else ("real" if isinstance(prior, RealPriors) else "generated"),
+        "sampling": dataclasses.asdict(stage_cfg), "t_start": inputs.t_start,
         "latent_shape": list(latent_shape), "num_classes": num_classes,
-        "flops_per_forward": model.flops_per_forward(1),
+        "flops_per_forward": model.flops_per_forward(1), "nfe_used": load_json(state_dir / "shard-00000.json")["nfe"],
+        "_state_dir": str(state_dir), "_timing": {**timing, "resumed_shards": done_before},
     }
-    if prior_latents is not None:
-        meta.update(_copy_diagnostics(state_dir, num_shards, prior_latents[:n], prior_labels[:n]))
-    _publish(state_dir, Path(out_dir), num_shards, meta)
+
+
+def _finish(out_dir: Path, meta: dict, *, against, labels, name: str = "msd_to_prior") -> None:
+    """The copying diagnostic against `against` (the priors, or the clean latents of pairs) under
+    `name`, then meta.json (written last: it marks the cache complete)."""
+    state_dir, timing = Path(meta.pop("_state_dir")), meta.pop("_timing")
+    if against is not None:
+        to, within = _copy_diagnostics(out_dir, meta["num_shards"], against, labels)
+        meta.update({name: to, "msd_within_class": within})
     # Wall-clock figures vary run to run: kept apart so meta.json is reproducible byte for byte.
-    save_json(Path(out_dir) / "timing.json", {**timing, "resumed_shards": done_before})
-    return meta
+    save_json(out_dir / "timing.json", timing)
+    save_json(out_dir / "meta.json", meta)
+    log.info("%s: %d samples (%s) from %s", out_dir, meta["num_samples"], ", ".join(meta["files"]), state_dir)
 
 
 def fixed_shape(fn, rows: int):
@@ -244,10 +293,10 @@ def _velocity_fn(model, labels, prior_emb, cfg, num_classes):
     return make_guided_velocity_fn(model, cond, uncond, cfg.scale, cfg.schedule, cfg.interval, cfg.power, cfg.channels)
 
 
-def _copy_diagnostics(state_dir: Path, num_shards: int, prior_latents: np.ndarray, labels: np.ndarray) -> dict:
+def _copy_diagnostics(out_dir: Path, num_shards: int, prior_latents: np.ndarray, labels: np.ndarray):
     """Mean squared distance between a sample's stage-k and stage-(k-1) latents, against the same
     distance between two different samples of one class: the cheapest test of copying."""
-    latents = np.concatenate([np.load(state_dir / f"latents-{j:05d}.npy") for j in range(num_shards)])
+    latents = np.concatenate([np.load(out_dir / f"latents-{j:05d}.npy") for j in range(num_shards)])
     to_prior = float(((latents - prior_latents) ** 2).mean())
     rng = np.random.default_rng(0)
     pairs = []
@@ -259,19 +308,19 @@ def _copy_diagnostics(state_dir: Path, num_shards: int, prior_latents: np.ndarra
             keep = a != b
             pairs.append(((latents[a[keep]] - latents[b[keep]]) ** 2).mean(axis=tuple(range(1, latents.ndim))))
     within_class = float(np.concatenate(pairs).mean()) if pairs else float("nan")
-    return {"msd_to_prior": to_prior, "msd_within_class": within_class}
+    return to_prior, within_class
 
 
 def _shard_done(state_dir: Path, j: int) -> bool:
     return (state_dir / f"shard-{j:05d}.json").exists()
 
 
-def _publish(state_dir: Path, out_dir: Path, num_shards: int, meta: dict) -> None:
+def _publish(state_dir: Path, out_dir: Path, num_shards: int, files) -> None:
     """Fill the declared output directory from the finished shards (hard links where possible)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    nfe = load_json(state_dir / "shard-00000.json")["nfe"]
+    (out_dir / "meta.json").unlink(missing_ok=True)  # an old marker must not outlive the old shards
     for j in range(num_shards):
-        for what in PRIOR_FILES + ("images",):
+        for what in files:
             name = f"{what}-{j:05d}.npy"
             target = out_dir / name
             if target.exists():
@@ -280,13 +329,3 @@ def _publish(state_dir: Path, out_dir: Path, num_shards: int, meta: dict) -> Non
                 os.link(state_dir / name, target)
             except OSError:
                 shutil.copyfile(state_dir / name, target)
-    meta["nfe_used"] = nfe
-    save_json(out_dir / "meta.json", meta)  # last: marks the cache complete
-
-
-def _file_digest(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]

@@ -17,6 +17,9 @@ Time grids are uniform (torch.linspace semantics, computed in float64):
                   last_step=None: num_steps stochastic steps on [0, 1]      NFE = num_steps
 
 SiT's "250-step" SDE is 249 stochastic steps + the mean step, i.e. num_steps=249 here.
+`t_start` > 0 starts the integration from a partly noised latent x_t (SDEdit-style
+regeneration, used to build the paired prior caches of fine-tuned stages); the grid then
+covers [t_start, 1] with num_steps steps.
 Samplers do not disable autograd; wrap calls in torch.inference_mode() when sampling.
 """
 
@@ -40,29 +43,31 @@ SAMPLERS = ("euler", "heun", "euler_maruyama")
 LAST_STEPS = ("mean", "euler", None)
 
 
-def time_grid(num_steps: int, t_end: float = 1.0) -> list[float]:
-    """num_steps + 1 uniform times from 0 to t_end, as Python floats (float64 step sizes)."""
+def time_grid(num_steps: int, t_end: float = 1.0, t_start: float = 0.0) -> list[float]:
+    """num_steps + 1 uniform times from t_start to t_end, as Python floats (float64 step sizes)."""
     if num_steps < 1:
         raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
-    return torch.linspace(0.0, t_end, num_steps + 1, dtype=torch.float64).tolist()
+    if not 0 <= t_start < t_end:
+        raise ValueError(f"t_start: must be in [0, {t_end}), got {t_start}")
+    return torch.linspace(t_start, t_end, num_steps + 1, dtype=torch.float64).tolist()
 
 
 def _t_batch(t: float, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
 
 
-def euler(velocity_fn: VelocityFn, x0: Tensor, num_steps: int) -> tuple[Tensor, int]:
+def euler(velocity_fn: VelocityFn, x0: Tensor, num_steps: int, t_start: float = 0.0) -> tuple[Tensor, int]:
     """Explicit Euler on the probability-flow ODE dx = v dt. NFE = num_steps."""
-    ts = time_grid(num_steps)
+    ts = time_grid(num_steps, t_start=t_start)
     x = x0
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         x = x + (t_next - t_cur) * velocity_fn(x, _t_batch(t_cur, x))
     return x, num_steps
 
 
-def heun(velocity_fn: VelocityFn, x0: Tensor, num_steps: int) -> tuple[Tensor, int]:
+def heun(velocity_fn: VelocityFn, x0: Tensor, num_steps: int, t_start: float = 0.0) -> tuple[Tensor, int]:
     """Heun's method (explicit trapezoid) on dx = v dt. NFE = 2 * num_steps."""
-    ts = time_grid(num_steps)
+    ts = time_grid(num_steps, t_start=t_start)
     x = x0
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         h = t_next - t_cur
@@ -81,6 +86,7 @@ def euler_maruyama(
     diffusion_scale: float = 1.0,
     last_step: str | None = "mean",
     last_step_size: float = 0.04,
+    t_start: float = 0.0,
 ) -> tuple[Tensor, int]:
     """Euler-Maruyama on dx = [v + w score] dt + sqrt(2 w) dW, w(t) = diffusion_scale (1 - t) (SiT "sigma").
 
@@ -97,7 +103,7 @@ def euler_maruyama(
     if diffusion_scale < 0:
         raise ValueError(f"diffusion_scale: must be >= 0, got {diffusion_scale}")
     t_end = 1.0 if last_step is None else 1.0 - last_step_size
-    ts = time_grid(num_steps, t_end)
+    ts = time_grid(num_steps, t_end, t_start)
     x = x0
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         h = t_next - t_cur
@@ -151,14 +157,14 @@ class SamplerSpec:
 
 
 def run_sampler(
-    spec: SamplerSpec, velocity_fn: VelocityFn, x0: Tensor, noise_fn: NoiseFn | None = None
+    spec: SamplerSpec, velocity_fn: VelocityFn, x0: Tensor, noise_fn: NoiseFn | None = None, t_start: float = 0.0
 ) -> tuple[Tensor, int]:
-    """Dispatch on spec.method; returns (x at t = 1, NFE used)."""
+    """Dispatch on spec.method; returns (x at t = 1, NFE used). x0 is the state at t_start."""
     spec.validate()  # cheap; rejects specs mutated after construction (object.__setattr__)
     if spec.method == "euler":
-        return euler(velocity_fn, x0, spec.num_steps)
+        return euler(velocity_fn, x0, spec.num_steps, t_start)
     if spec.method == "heun":
-        return heun(velocity_fn, x0, spec.num_steps)
+        return heun(velocity_fn, x0, spec.num_steps, t_start)
     if noise_fn is None:
         raise ValueError("noise_fn: required for method 'euler_maruyama' (derive it from per-sample seeds)")
     return euler_maruyama(
@@ -169,4 +175,5 @@ def run_sampler(
         diffusion_scale=spec.diffusion_scale,
         last_step=spec.last_step,
         last_step_size=spec.last_step_size,
+        t_start=t_start,
     )

@@ -39,6 +39,15 @@ def test_repository_params_are_valid():
         ({"experiments": {"x": {"weights_from": "nope"}}}, "experiments.x.weights_from"),
         ({"experiments": {"x": {"weights_from": "dod", "train": {"seed": 3}}}}, "experiments.x.train"),
         ({"model": {"patch_size": 3}}, "model.patch_size"),
+        ({"stages": {"finetune": {"2": {"t0": 1.0}}}}, "stages.finetune.2.t0"),
+        ({"stages": {"finetune": {"1": {}}}}, "stages.finetune.1"),
+        ({"stages": {"finetune": {"3": {}}}}, "stages.finetune.3"),  # needs stage 2's pairs
+        ({"experiments": {"x": {"stages": {"finetune": {"2": {"train": {"lr": -1}}}}}}},
+         "experiments.x.stages.finetune.2.train.lr"),
+        ({"experiments": {"x": {"lem": {"enabled": False}, "stages": {"finetune": {"2": {}}}}}},
+         "experiments.x.stages.finetune"),
+        ({"experiments": {"x": {"weights_from": "dod", "stages": {"finetune": {"2": {}}}}}},
+         "experiments.x.stages.finetune"),
     ],
 )
 def test_invalid_values_name_their_key(patch, key):
@@ -65,3 +74,19 @@ def test_parse_does_not_mutate_input():
     before = copy.deepcopy(raw)
     parse_params(raw)
     assert raw == before
+
+
+def test_finetuned_stages_resolve_weights_images_and_borrowers():
+    raw = deep_merge(repo_params_raw(), {"experiments": {
+        "ft": {"stages": {"finetune": {"2": {"t0": 0.7, "train": {"images": 5000, "lr": 2e-4}}}}},
+        "ft_cfg": {"weights_from": "ft", "stages": {"count": 3}},
+    }})
+    params = parse_params(raw)
+    ft, borrower, dod = params.experiment("ft"), params.experiment("ft_cfg"), params.experiment("dod")
+    assert ft.stages.finetuned() == [2] and dod.stages.finetuned() == []
+    assert [ft.weights_stage(k) for k in (1, 2, 3)] == [1, 2, 2]  # stage 3 samples stage 2's network
+    assert [borrower.weights_stage(k) for k in (1, 2, 3)] == [1, 2, 2]  # the owner's networks
+    tuned = ft.finetune_train(2)
+    assert (tuned.images, tuned.lr, tuned.batch_size) == (5000, 2e-4, ft.train.batch_size)
+    assert tuned.snapshots == []  # not inherited from stage 1
+    assert ft.train_images(1) == ft.train.images and ft.train_images(3) == ft.train.images + 5000

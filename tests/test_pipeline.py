@@ -79,3 +79,27 @@ def test_a_fresh_clone_plans_the_whole_main_job(tmp_path):
     assert (ws / "results" / "README.md").is_file()
     planned = planned_jobs(run(["snakemake", "-n", "--cores", "2"], ws))
     assert planned == set(P.by_name(load_params(REPO / "params.yaml")))
+
+
+def test_a_finetuned_stage_adds_its_pairs_and_training_and_samples_with_them():
+    raw = deep_merge(repo_params_raw(), {"experiments": {
+        "ft": {"stages": {"finetune": {"2": {"train": {"images": 5000}}}}},
+        "ft_cfg": {"weights_from": "ft", "stages": {"overrides": {"2": {"cfg": {"scale": 2.0}}}}},
+    }})
+    jobs = P.by_name(parse_params(raw))
+    assert not any(n.startswith(("pair_priors", "train_stage2")) and not n.endswith("-ft") for n in jobs)
+    pairs, tune = jobs["pair_priors_stage2-ft"], jobs["train_stage2-ft"]
+    assert P.weights_path("ft") in pairs.deps and P.marker(P.pairs_dir("ft", 2)) in tune.deps
+    assert tune.markers == [P.weights_path("ft", 2)]
+    assert "experiments.ft.stages.finetune.2" in tune.params
+    assert not any("finetune" in key for key in jobs["train_stage1-ft"].params)
+    # stage 2 and 3 sample the fine-tuned network, stage 1 the stage-1 network; borrowers too
+    assert P.weights_path("ft", 2) in jobs["sample_stage2-ft"].deps
+    assert P.weights_path("ft", 2) in jobs["sample_stage3-ft"].deps
+    assert P.weights_path("ft") in jobs["sample_stage1-ft"].deps
+    assert P.weights_path("ft", 2) in jobs["sample_stage2-ft_cfg"].deps
+    assert P.weights_path("ft", 2) in jobs["report"].deps  # its training log is reported
+    # both tools see the new jobs
+    dvc = yaml.safe_load(P.dvc_yaml(parse_params(raw)))["stages"]
+    assert dvc["train_stage2-ft"]["cmd"] == "dod train --experiment ft --stage 2"
+    assert P.pairs_dir("ft", 2) in dvc["train_stage2-ft"]["deps"]

@@ -14,10 +14,10 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
-def dry_run(profile: str) -> dict[str, list[dict]]:
+def dry_run(profile: str, *overlays: str) -> dict[str, list[dict]]:
     """rule -> list of planned jobs, each with its resources and shell command."""
     out = subprocess.run(
-        ["snakemake", "--profile", profile, "-n", "--configfile", "params/paper.yaml"],
+        ["snakemake", "--profile", profile, "-n", "--configfile", "params/paper.yaml", *overlays],
         cwd=REPO, env=ENV, capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -65,6 +65,8 @@ def test_training_requests_gpus_and_a_warning_signal(paper_plan):
 def test_sampling_and_evaluation_get_gpus(paper_plan):
     for rule in ("sample_stage1", "sample_stage2", "sample_stage3"):
         assert all(j["resources"]["gpu"] == "4" for j in paper_plan[rule])
+        # one sampling process per GPU, each taking its share of the shards
+        assert all("--processes 4" in j["shell"] for j in paper_plan[rule])
     for rule in ("evaluate_stage1", "reference_stats", "extract_latents"):
         assert all(j["resources"]["gpu"] == "1" for j in paper_plan[rule])
 
@@ -108,3 +110,16 @@ def test_multinode_profile_uses_srun_one_task_per_node():
         for expected in ("--nodes=2", "--ntasks=2", "--gpus=16", "--gpus-per-node=8", "--cpus-per-task=64"):
             assert expected in options, (expected, options)
         assert not any(o.startswith("--ntasks-per-gpu") for o in options), options
+
+
+def test_finetuned_stages_get_training_and_sampling_resources(tmp_path):
+    overlay = tmp_path / "finetune.yaml"
+    overlay.write_text("experiments:\n  dod:\n    stages:\n      finetune:\n"
+                       "        '2': {t0: 0.5, num_pairs: 100000, train: {images: 25600000}}\n")
+    plan = dry_run("slurm", str(overlay))
+    (tune,) = plan["train_stage2"]
+    assert tune["resources"]["gpu"] == "8" and "--signal=URG@600" in tune["resources"]["slurm_extra"]
+    assert "dod train --experiment dod --stage 2" in tune["shell"] and "--processes 8" in tune["shell"]
+    (pairs,) = plan["pair_priors_stage2"]
+    assert pairs["resources"]["gpu"] == "4" and "--processes 4" in pairs["shell"]
+    assert len(plan["sample_stage2"]) == 1 and "train_stage3" not in plan

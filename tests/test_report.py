@@ -292,6 +292,36 @@ def test_cfg_finding_judges_real_priors_at_the_largest_scale():
     assert rising.holds is True  # judged on real priors even though generated priors peak at s=2
 
 
+def test_bottleneck_finding_follows_the_copy_ratio():
+    def rows(msd_to_prior: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({
+            "experiment": ["a", "b", "c"], "label": ["d_b=1", "d_b=4", "d_b=16"], "stage": 2,
+            "group": "bottleneck", "metric": [8.0, 9.0, 10.0], "metric_name": "FD_mnist", "lem_enabled": True,
+            "stages_count": 2, "bottleneck_dim": [1, 4, 16], "msd_to_prior": msd_to_prior, "msd_within_class": 0.3,
+        })
+
+    (wider_copies,) = group_findings(rows([0.2, 0.05, 0.001]))
+    assert wider_copies.holds is True and "copies (ratio < 0.01) at d_b=16" in wider_copies.evidence
+    (not_monotone,) = group_findings(rows([0.05, 0.2, 0.1]))
+    assert not_monotone.holds is False and "copies" not in not_monotone.evidence
+
+
+def test_finetune_finding_compares_the_final_stages():
+    def rows(tuned_final: float) -> pd.DataFrame:
+        return pd.DataFrame({
+            "experiment": ["ft"] * 3 + ["sh"] * 3, "label": ["tuned"] * 3 + ["shared"] * 3, "stage": [1, 2, 3] * 2,
+            "group": "finetune", "metric": [9.0, 8.0, tuned_final, 9.0, 8.5, 8.6], "metric_name": "FD_mnist",
+            "lem_enabled": True, "stages_count": 3, "finetuned_stages": [2] * 3 + [0] * 3,
+            "train_images": [100, 120, 140, 100, 100, 100],
+        })
+
+    (better,) = group_findings(rows(7.0))
+    assert better.holds is True and better.claim == "tuned beats the shared at stage 3"
+    assert "7.00" in better.evidence and "8.60" in better.evidence and "140 training images" in better.evidence
+    (worse,) = group_findings(rows(9.5))
+    assert worse.holds is False
+
+
 def test_missing_metrics_file_is_named(built, params, tmp_path):
     root = tmp_path / "tree"
     shutil.copytree(built["root"] / "artifacts", root / "artifacts")

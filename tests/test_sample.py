@@ -98,3 +98,46 @@ def test_cfg_scale_changes_samples_and_counts_nfe(trained, tmp_path):
     meta, g = _sample(guided, weights, tmp_path, "guided")
     assert meta["cfg_doubles_batch"] is True
     assert not np.array_equal(plain.load("latents"), g.load("latents"))
+
+
+def _finetuning(params, **stage2):
+    raw = deep_merge(params.raw, {"stages": {"finetune": {"2": {"num_pairs": 40, **stage2}}}})
+    return parse_params(raw).experiment("dod")
+
+
+def test_pairs_regenerate_training_latents_from_t0(trained, prepared, tmp_path):
+    from dodlib.sample import pair_priors
+
+    params, weights = trained
+    latents = prepared / "latents" / "train"
+    runs = {}
+    for t0 in (0.9, 0.3):
+        exp = _finetuning(params, t0=t0)
+        runs[t0] = pair_priors(exp, 2, weights, latents, tmp_path / f"t{t0}" / "out", tmp_path / f"t{t0}" / "state")
+    cache = PriorCache(tmp_path / "t0.9" / "out")
+    real = RealPriors(latents)
+    # pair i belongs to training latent index[i]: the class-balanced prefix, with its real label
+    assert np.array_equal(cache.load("index"), real.order[:40])
+    assert np.array_equal(cache.load("labels"), real.take(40)[1])
+    steps = params.experiment("dod").sample.sampler.num_steps
+    assert runs[0.9]["nfe"] == max(1, round(steps * 0.1)) and runs[0.3]["nfe"] == round(steps * 0.7)
+    # the less noise, the closer a regenerated prior stays to its clean latent
+    assert runs[0.9]["msd_to_clean"] < runs[0.3]["msd_to_clean"]
+    assert runs[0.9]["msd_to_clean"] < 0.5 * runs[0.9]["msd_within_class"]
+
+
+def test_pairs_identical_across_batch_sizes_and_resume(trained, prepared, tmp_path):
+    from dodlib.sample import pair_priors
+
+    params, weights = trained
+    exp = _finetuning(params, t0=0.5)
+    latents = prepared / "latents" / "train"
+    pair_priors(exp, 2, weights, latents, tmp_path / "a" / "out", tmp_path / "a" / "state", batch_size=7)
+    with pytest.raises(InterruptedError):
+        pair_priors(exp, 2, weights, latents, tmp_path / "b" / "out", tmp_path / "b" / "state", batch_size=3,
+                    stop_after_shards=1)
+    pair_priors(exp, 2, weights, latents, tmp_path / "b" / "out", tmp_path / "b" / "state", batch_size=3)
+    a, b = PriorCache(tmp_path / "a" / "out"), PriorCache(tmp_path / "b" / "out")
+    for what in ("latents", "labels", "seeds", "index"):
+        assert np.array_equal(a.load(what), b.load(what)), what
+    assert a.load("seeds")[0] != sample_seed(0, 0, 1)  # not the seeds of the stage-1 samples

@@ -128,3 +128,47 @@ def test_sigusr1_checkpoints_and_exits_with_distinct_code(tmp_path, prepared):
     t.join(timeout=5)
     ckpts = list((work / "state" / "train" / "sit").glob("*/ckpt-*"))
     assert ckpts, "".join(lines)[-2000:]
+
+
+def test_finetuning_a_stage_on_its_pairs_resumes_identically(tiny_raw, prepared, tmp_path):
+    """train_stage2: starts from stage 1's weights, trains on the paired cache, and a kill and
+    resume in the middle ends with the same EMA weights as a straight run."""
+    from dodlib.config import deep_merge, parse_params
+    from dodlib.sample import pair_priors
+
+    raw = deep_merge(tiny_raw, {"stages": {"finetune": {"2": {"t0": 0.5, "num_pairs": 64,
+                                                              "train": {"images": 256, "lr": 5e-4}}}}})
+    exp = parse_params(raw).experiment("dod")
+    latents = prepared / "latents" / "train"
+    _train(exp, prepared, tmp_path, "stage1")
+    stage1 = tmp_path / "stage1" / "out" / "model.safetensors"
+    pairs = tmp_path / "pairs" / "out"
+    pair_priors(exp, 2, stage1, latents, pairs, tmp_path / "pairs" / "state")
+
+    def finetune(name, **kw):
+        return train(exp, latents, tmp_path / name / "out", tmp_path / name / "state", stage=2,
+                     init_weights=stage1, pairs_dir=pairs, **kw)
+
+    result = finetune("straight")
+    assert result["images"] == 256
+    with pytest.raises(Preempted):
+        finetune("resumed", stop_after_images=128)
+    finetune("resumed")
+    a = load_file(str(tmp_path / "straight" / "out" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "out" / "model.safetensors"))
+    start = load_file(str(stage1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+    # a fine-tuned network keeps stage 1's architecture and loads like any other
+    assert load_weights(tmp_path / "straight" / "out" / "model.safetensors").lem is not None
+
+
+def test_finetuning_from_weights_of_another_architecture_is_an_error(tiny_raw, prepared, tmp_path):
+    from dodlib.config import deep_merge, parse_params
+
+    raw = deep_merge(tiny_raw, {"stages": {"finetune": {"2": {"train": {"images": 64}}}}})
+    params = parse_params(raw)
+    _train(params.experiment("sit"), prepared, tmp_path, "sit")  # no LEM
+    with pytest.raises(ValueError, match="architecture"):
+        train(params.experiment("dod"), prepared / "latents" / "train", tmp_path / "x" / "out", tmp_path / "x" / "state",
+              stage=2, init_weights=tmp_path / "sit" / "out" / "model.safetensors", pairs_dir=tmp_path / "nowhere")

@@ -101,8 +101,9 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _experiment_columns(exp: ExperimentConfig) -> dict:
-    """Config facts the tables and findings need beside the measured numbers."""
+def _experiment_columns(exp: ExperimentConfig, owner: ExperimentConfig) -> dict:
+    """Config facts the tables and findings need beside the measured numbers (`owner`: the
+    experiment whose networks `exp` samples, itself unless it borrows them)."""
     return {
         "experiment": exp.name,
         "label": exp.label,
@@ -112,6 +113,8 @@ def _experiment_columns(exp: ExperimentConfig) -> dict:
         "lem_enabled": bool(exp.lem.enabled),
         "stages_count": exp.stages.count,
         "prior_source": exp.sample.prior_source,
+        "bottleneck_dim": owner.lem.bottleneck_dim if owner.lem.enabled and owner.lem.kind == "lem" else np.nan,
+        "finetuned_stages": len(owner.stages.finetuned()),
     }
 
 
@@ -135,7 +138,7 @@ def load_metrics(params: Params, root: Path) -> pd.DataFrame:
         metric_name = m.get("metric_name")
         if not metric_name:
             raise ValueError(f"{path}: no 'metric_name' key (which Fréchet distance is this?)")
-        row = _experiment_columns(exp)
+        row = _experiment_columns(exp, params.experiments[exp.trainer])
         row.update(stage=k, detector=m.get("detector", ""), metric_name=metric_name)
         for key, value in m.items():
             if key in ID_KEYS:
@@ -147,7 +150,7 @@ def load_metrics(params: Params, root: Path) -> pd.DataFrame:
         if math.isnan(row.get("cfg_scale", np.nan)):
             row["cfg_scale"] = exp.stage_sampling(k).cfg.scale
         if math.isnan(row.get("train_images", np.nan)):
-            row["train_images"] = params.experiments[exp.trainer].train.images
+            row["train_images"] = params.experiments[exp.trainer].train_images(k)
         rows.append(row)
     df = pd.DataFrame(rows)
     for key in MEASURED_KEYS + COST_KEYS:
@@ -157,19 +160,26 @@ def load_metrics(params: Params, root: Path) -> pd.DataFrame:
 
 
 def load_train_logs(params: Params, root: Path) -> pd.DataFrame:
-    paths = {name: root / P.train_dir(name) / "train_log.csv" for name in params.trainers}
-    _require([(p, f"dod train --experiment {n}") for n, p in paths.items()], "training log")
+    """Rows of every training log; a fine-tuned stage's rows follow its experiment's stage-1 rows,
+    its images counted on from where the previous run ended (column train_stage says which)."""
+    paths = {(name, k): root / P.train_dir(name, k) / "train_log.csv"
+             for name in params.trainers for k in [1] + params.experiments[name].stages.finetuned()}
+    _require([(p, f"dod train --experiment {n} --stage {k}") for (n, k), p in paths.items()], "training log")
     frames = []
-    for name, path in paths.items():
+    for (name, k), path in paths.items():
         df = pd.read_csv(path)
         for col in ("images", "loss"):
             if col not in df:
                 raise ValueError(f"{path}: no column {col!r} (have {', '.join(df.columns)})")
+        exp = params.experiments[name]
+        df["images"] += exp.train_images(k - 1) if k > 1 else 0
         df.insert(0, "experiment", name)
-        df.insert(1, "label", params.experiments[name].label)
+        df.insert(1, "label", exp.label)
+        df.insert(2, "train_stage", k)
         frames.append(df)
     if not frames:
-        return pd.DataFrame(columns=["experiment", "label", "images", "step", "loss", "lr", "images_per_sec"])
+        return pd.DataFrame(columns=["experiment", "label", "train_stage", "images", "step", "loss", "lr",
+                                     "images_per_sec"])
     return pd.concat(frames, ignore_index=True)
 
 

@@ -162,16 +162,16 @@ def _images(values: list[int]) -> str:
 
 EQUAL_COMPUTE_GROUP = "equal_compute"
 CFG_SWEEP_GROUP = "cfg_sweep"
+BOTTLENECK_GROUP = "bottleneck"
+FINETUNE_GROUP = "finetune"
 
 
 def group_findings(metrics: pd.DataFrame) -> list[Finding]:
     """Claims answered by ablation groups present in `metrics` (all rows, with a `group` column)."""
-    out = []
-    if (metrics["group"] == EQUAL_COMPUTE_GROUP).any():
-        out.append(_equal_compute_finding(metrics[metrics["group"] == EQUAL_COMPUTE_GROUP]))
-    if (metrics["group"] == CFG_SWEEP_GROUP).any():
-        out.append(_cfg_finding(metrics[metrics["group"] == CFG_SWEEP_GROUP]))
-    return out
+    checks = {EQUAL_COMPUTE_GROUP: _equal_compute_finding, CFG_SWEEP_GROUP: _cfg_finding,
+              BOTTLENECK_GROUP: _bottleneck_finding, FINETUNE_GROUP: _finetune_finding}
+    return [check(metrics[metrics["group"] == group]) for group, check in checks.items()
+            if (metrics["group"] == group).any()]
 
 
 def _final_stage(rows: pd.DataFrame) -> pd.DataFrame:
@@ -218,3 +218,36 @@ def _cfg_finding(rows: pd.DataFrame) -> Finding:
     judged = best.get("real", next(iter(best.values())))
     return Finding(claim, judged == largest and largest > 1,
                    f"{metric} of stage 2 vs CFG scale; " + "; ".join(curves) + ".")
+
+
+def _bottleneck_finding(rows: pd.DataFrame) -> Finding:
+    """DESIGN.md section 8: the bottleneck decides whether stage 2 copies its prior."""
+    claim = "A wider LEM bottleneck makes stage 2 copy its prior more (DESIGN.md section 8)"
+    stage2 = rows[rows["stage"] == 2].dropna(subset=["bottleneck_dim", "msd_to_prior", "msd_within_class"])
+    if stage2["bottleneck_dim"].nunique() < 2:
+        return Finding(claim, None, f"Group `{BOTTLENECK_GROUP}` needs stage 2 at two bottleneck sizes or more.")
+    ratio = (stage2["msd_to_prior"] / stage2["msd_within_class"]).groupby(stage2["bottleneck_dim"]).mean().sort_index()
+    metric = stage2.groupby("bottleneck_dim")["metric"].mean()
+    name = rows["metric_name"].iloc[0]
+    points = ", ".join(f"d_b={int(d)}: ratio {r:.3g}, {name} {metric[d]:.2f}" for d, r in ratio.items())
+    copying = [f"d_b={int(d)}" for d, r in ratio.items() if r < COPY_RATIO]
+    return Finding(claim, bool(ratio.is_monotonic_decreasing),
+                   f"Stage 2's MSD to its prior over the within-class MSD: {points}"
+                   + (f"; copies (ratio < {COPY_RATIO:g}) at {', '.join(copying)}." if copying else "."))
+
+
+def _finetune_finding(rows: pd.DataFrame) -> Finding:
+    """DESIGN.md section 2's option: stages k >= 2 fine-tuned on paired priors vs one shared network."""
+    final = _final_stage(rows)
+    tuned, shared = final[final["finetuned_stages"] > 0], final[final["finetuned_stages"] == 0]
+    if tuned.empty or shared.empty:
+        return Finding("Fine-tuned stages beat the shared network", None,
+                       f"Group `{FINETUNE_GROUP}` needs an experiment with fine-tuned stages and one without.")
+    t_label, s_label = tuned["label"].iloc[0], shared["label"].iloc[0]
+    stage = int(tuned["stage"].iloc[0])
+    t, s = _stat(final, t_label, stage), _stat(final, s_label, int(shared["stage"].iloc[0]))
+    images = {lab: _images(sorted(set(final.loc[final["label"] == lab, "train_images"].dropna().astype(int))))
+              for lab in (t_label, s_label)}
+    return Finding(f"{t_label} beats the {s_label} at stage {stage}", t.mean < s.mean,
+                   f"{final['metric_name'].iloc[0]} at stage {stage}: {t_label}: {t} ({images[t_label]} training "
+                   f"images in all); {s_label}: {s} ({images[s_label]}).{_within_spread(s, t)}")

@@ -9,10 +9,13 @@ rule prepare_data:
     params:
         block=job_params("prepare_data"),
         cmd=job_cmd("prepare_data"),
+        overlays=OVERLAYS,
+    conda:
+        DOD_ENV
     log:
         "logs/prepare_data.log",
     shell:
-        "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+        "{params.cmd}{params.overlays} > {log} 2>&1"
 
 
 rule extract_latents:
@@ -23,7 +26,10 @@ rule extract_latents:
     params:
         block=job_params("extract_latents"),
         cmd=job_cmd("extract_latents"),
+        overlays=OVERLAYS,
+    conda:
+        DOD_ENV
     log:
         "logs/extract_latents.log",
     shell:
-        "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+        "{params.cmd}{params.overlays} > {log} 2>&1"

@@ -12,10 +12,13 @@ if PARAMS.base.eval.detector == "features":
         params:
             block=job_params("train_feature_net"),
             cmd=job_cmd("train_feature_net"),
+            overlays=OVERLAYS,
+        conda:
+            DOD_ENV
         log:
             "logs/train_feature_net.log",
         shell:
-            "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+            "{params.cmd}{params.overlays} > {log} 2>&1"
 
 
 rule reference_stats:
@@ -26,10 +29,13 @@ rule reference_stats:
     params:
         block=job_params("reference_stats"),
         cmd=job_cmd("reference_stats"),
+        overlays=OVERLAYS,
+    conda:
+        DOD_ENV
     log:
         "logs/reference_stats.log",
     shell:
-        "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+        "{params.cmd}{params.overlays} > {log} 2>&1"
 
 
 for _k in range(1, MAX_STAGES + 1):
@@ -44,10 +50,13 @@ for _k in range(1, MAX_STAGES + 1):
         params:
             block=job_params(f"evaluate_stage{_k}"),
             cmd=job_cmd(f"evaluate_stage{_k}"),
+            overlays=OVERLAYS,
+        conda:
+            DOD_ENV
         log:
             f"logs/{{exp}}/evaluate_stage{_k}.log",
         shell:
-            "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+            "{params.cmd}{params.overlays} > {log} 2>&1"
 
 
 rule probe:
@@ -58,10 +67,13 @@ rule probe:
     params:
         block=job_params("probe"),
         cmd=job_cmd("probe"),
+        overlays=OVERLAYS,
+    conda:
+        DOD_ENV
     log:
         "logs/{exp}/probe.log",
     shell:
-        "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+        "{params.cmd}{params.overlays} > {log} 2>&1"
 
 
 rule evaluate_snapshots:
@@ -72,7 +84,10 @@ rule evaluate_snapshots:
     params:
         block=job_params("evaluate_snapshots"),
         cmd=job_cmd("evaluate_snapshots"),
+        overlays=OVERLAYS,
+    conda:
+        DOD_ENV
     log:
         "logs/{exp}/evaluate_snapshots.log",
     shell:
-        "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+        "{params.cmd}{params.overlays} > {log} 2>&1"

@@ -14,7 +14,10 @@ rule report:
     params:
         block=job_params("report"),
         cmd=job_cmd("report"),
+        overlays=OVERLAYS,
+    conda:
+        DOD_ENV
     log:
         "logs/report.log",
     shell:
-        "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+        "{params.cmd}{params.overlays} > {log} 2>&1"

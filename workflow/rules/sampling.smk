@@ -13,7 +13,12 @@ for _k in range(1, MAX_STAGES + 1):
         params:
             block=job_params(f"sample_stage{_k}"),
             cmd=job_cmd(f"sample_stage{_k}"),
+            overlays=OVERLAYS,
+        conda:
+            DOD_ENV
         log:
             f"logs/{{exp}}/sample_stage{_k}.log",
+        resources:
+            gpu=0,  # the slurm profile's GPUs: one process each, every process takes its share of shards
         shell:
-            "{params.cmd}{DOD_OPTS} > {log} 2>&1"
+            "{params.cmd}{params.overlays} --processes {resources.gpu} > {log} 2>&1"
