@@ -412,7 +412,7 @@ def main(argv=None) -> int:
                    help="token count (a square number); overrides H = W of --latent as patch x sqrt(tokens)")
     p.add_argument("--classes", type=int, default=10, help="number of classes (10 = digits, 1000 = ImageNet)")
     p.add_argument("--batch", type=int, default=None, help="training batch size (default: params train.batch_size)")
-    p.add_argument("--train-steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--train-steps", type=int, default=40, help="timed training steps")
     p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--steps", type=int, default=50, help="Euler sampler steps (NFE)")
     p.add_argument("--cfg-scale", type=float, default=5.5, help="the CFG > 1 column's scale (paper: 5.5)")
