@@ -112,8 +112,10 @@ class StageInstance:
     code: list[str]  # source files whose edit must rerun this stage
     params: dict[str, object]  # dotted params.yaml key -> value
     wildcards: dict[str, str] = field(default_factory=dict)
-    metrics: list[str] = field(default_factory=list)  # DVC metrics (subset of outs, not cached)
+    metrics: list[str] = field(default_factory=list)  # DVC metrics (subset of outs)
     plots: list[str] = field(default_factory=list)
+    # DVC caches artifacts/ (git ignores it), so `dvc checkout` restores them and `dvc metrics diff`
+    # reads older revisions; results/ is committed to git instead and is not cached.
     cache: bool = True
 
 
@@ -259,13 +261,13 @@ def stages(params: Params) -> list[StageInstance]:
                 outs=[metrics_path(name, k)], markers=[metrics_path(name, k)],
                 code=_code("metrics/evaluate", "metrics/prdc", "metrics/inception_score", "evaluation"),
                 params=_params(raw, ["eval.batch_size", "eval.pr_k"]), wildcards={"exp": name},
-                metrics=[metrics_path(name, k)], cache=False,
+                metrics=[metrics_path(name, k)],
             ))
         if not exp.weights_from and exp.lem.enabled and exp.lem.kind == "lem":
             out.append(StageInstance(
                 name=f"probe-{name}", rule="probe", area="evaluation", cmd=f"dod probe --experiment {name}",
                 deps=[weights_path(name), lat_marker], outs=[probe_path(name)], markers=[probe_path(name)],
-                code=_code("probe"), params={}, wildcards={"exp": name}, cache=False,
+                code=_code("probe"), params={}, wildcards={"exp": name},
             ))
         # Snapshots are evaluated at stage 1, and at stage 2 when the model takes priors.
         snapshot_stages = [1, 2] if exp.lem.enabled and exp.stages.count >= 2 else [1]
@@ -280,7 +282,7 @@ def stages(params: Params) -> list[StageInstance]:
                 params=_params(raw, ["sample", "eval.batch_size", "eval.pr_k"], [
                     f"stages.overrides.{k}" for k in snapshot_stages] + [f"{x}.sample"] + [
                     f"{x}.stages.overrides.{k}" for k in snapshot_stages]),
-                wildcards={"exp": name}, cache=False,
+                wildcards={"exp": name},
             ))
     report_deps = [s.markers[0] for s in out if s.rule.startswith(("evaluate_", "train_stage", "probe"))]
     report_deps += [marker(stage_dir(n, k)) for n, e in params.experiments.items() for k in range(1, e.stages.count + 1)]
@@ -348,7 +350,7 @@ def dvc_yaml(params: Params) -> str:
         if outs:
             entry["outs"] = [o if s.cache else {o: {"cache": False}} for o in outs]
         if s.metrics:
-            entry["metrics"] = [{m: {"cache": False}} for m in s.metrics]
+            entry["metrics"] = [m if s.cache else {m: {"cache": False}} for m in s.metrics]
         doc["stages"][s.name] = entry
     doc["plots"] = [
         {plot: {"x": "images", "y": "loss", "title": f"training loss: {s.name.removeprefix('train_')}"}}

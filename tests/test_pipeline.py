@@ -27,7 +27,7 @@ def test_dvc_stages_match_pipeline_stages():
         assert entry.get("params", []) == list(job.params)
         assert set(entry.get("deps", [])) == {P.dvc_dependency(all_jobs, d) for d in job.deps} | set(job.code)
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", [])]
-        metrics = [next(iter(m)) for m in entry.get("metrics", [])]
+        metrics = [next(iter(m)) if isinstance(m, dict) else m for m in entry.get("metrics", [])]
         assert sorted(outs + metrics) == sorted(job.outs)
         for path in job.code:
             assert (REPO / path).is_file(), path

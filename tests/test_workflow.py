@@ -144,3 +144,39 @@ def test_snakemake_report_includes_the_figures(finished, tmp_path):
     html = report.read_text(errors="replace")
     for figure in ("metric_per_stage.png", "training_loss.png", "samples_dod.png", "training_efficiency.png"):
         assert figure in html, figure
+
+
+def test_dvc_metrics_and_plots_read_the_pipelines_outputs(finished, tmp_path):
+    """`dvc metrics show/diff` and `dvc plots show` work on what the stages write: commit the
+    finished workspace (results/ in git, artifacts/ in DVC's cache), change an evaluation key,
+    rerun, and the diff against the commit names exactly the metrics that moved."""
+    import json
+
+    def dvc_json(*args: str):
+        # DVC prints the document on stdout; warnings on stderr would follow it
+        return json.JSONDecoder().raw_decode(run(["dvc", *args, "--json"], ws))[0]
+
+    ws = edited_copy(finished, tmp_path, lambda ws: None)
+    git = ["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost"]
+    run([*git, "add", "-A"], ws)
+    run([*git, "commit", "-q", "-m", "finished smoke run"], ws)
+
+    values = dvc_json("metrics", "show")[""]["data"]
+    assert values["artifacts/exp/dod/metrics/stage2.json"]["data"]["num_samples"] > 0
+    assert "dod/stage2/precision" in values["results/metrics.json"]["data"]
+
+    set_param("eval.pr_k", 1)(ws)
+    dvc_reruns(ws)
+    out = run(["dvc", "metrics", "diff"], ws)
+    assert "failed to load" not in out, out  # older revisions' per-stage metrics come from the cache
+    diff = dvc_json("metrics", "diff")
+    pr_keys = {"precision", "recall"}
+    stage2 = diff["artifacts/exp/dod/metrics/stage2.json"]
+    assert set(stage2) - {"pr_k"} <= pr_keys and set(stage2) & pr_keys, sorted(stage2)
+    assert all(key.rsplit("/", 1)[1] in pr_keys for key in diff["results/metrics.json"])
+
+    plots = tmp_path / "plots"
+    run(["dvc", "plots", "show", "-o", str(plots)], ws)
+    html = (plots / "index.html").read_text()
+    for title in ("training loss: stage1-dod", "metric per stage"):
+        assert title in html, title
