@@ -346,11 +346,12 @@ def dvc_yaml(params: Params) -> str:
             entry["deps"] = list(dict.fromkeys(deps))
         if s.params:
             entry["params"] = list(s.params)
+        declare = (lambda path: path) if s.cache else (lambda path: {path: {"cache": False}})
         outs = [o for o in s.outs if o not in s.metrics]
         if outs:
-            entry["outs"] = [o if s.cache else {o: {"cache": False}} for o in outs]
+            entry["outs"] = [declare(o) for o in outs]
         if s.metrics:
-            entry["metrics"] = [m if s.cache else {m: {"cache": False}} for m in s.metrics]
+            entry["metrics"] = [declare(m) for m in s.metrics]
         doc["stages"][s.name] = entry
     doc["plots"] = [
         {plot: {"x": "images", "y": "loss", "title": f"training loss: {s.name.removeprefix('train_')}"}}
