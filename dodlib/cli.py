@@ -20,7 +20,13 @@ log = logging.getLogger("dod")
 
 
 def _load(args) -> Params:
-    return load_params(args.params, args.overlay or ())
+    """The validated params (file, overlays, `--set` values); then the numerics are pinned
+    (dodlib/runtime.py) before the command imports torch or numpy."""
+    from .runtime import pin
+
+    params = load_params(args.params, args.overlay or (), sets=args.set or ())
+    pin(params.base.runtime.threads, params.base.runtime.cpu_isa)
+    return params
 
 
 def _device(args):
@@ -187,7 +193,8 @@ def cmd_report(args) -> None:
     from .report import build_report
 
     params = _load(args)
-    build_report(params, Path(P.RESULTS), manifest=Path(P.report_manifest_path()))
+    build_report(params, Path(P.results_dir(params)), manifest=Path(P.report_manifest_path(params)),
+                 provenance=Path(P.report_provenance_path(params)))
 
 
 def cmd_dvc_yaml(args) -> None:
@@ -205,6 +212,32 @@ def cmd_dvc_yaml(args) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)
     print(f"wrote {target} ({len(P.stages(params))} stages)")
+
+
+def cmd_dvc_adopt(args) -> None:
+    """Record the workspace's outputs in dvc.lock (`dvc commit --force`) after a complete Snakemake
+    run, so that DVC then calls it up to date too. Only for the configuration DVC reads: params.yaml
+    alone, with dvc.yaml current; otherwise (overlays, --config values) it says why and does nothing.
+    Never fails the run: Snakemake's results stand either way."""
+    import subprocess
+
+    params = _load(args)
+    why_not = None
+    if args.overlay or args.set:
+        why_not = "this run used overlays or --config values, and DVC reads params.yaml alone"
+    elif not Path(".dvc").is_dir() or not Path(args.dvc_yaml).exists():
+        why_not = "no DVC project here"
+    elif Path(args.dvc_yaml).read_text() != P.dvc_yaml(params):
+        why_not = f"{args.dvc_yaml} is stale (run `dod dvc-yaml`)"
+    if why_not:
+        print(f"dod dvc-adopt: not recording the outputs in DVC: {why_not}")
+        return
+    proc = subprocess.run(["dvc", "commit", "--force", "--quiet"], capture_output=True, text=True)
+    if proc.returncode:
+        print(f"dod dvc-adopt: `dvc commit --force` failed ({proc.returncode}); DVC will rerun what it "
+              f"cannot match:\n{proc.stdout}{proc.stderr}")
+    else:
+        print("dod dvc-adopt: outputs recorded in dvc.lock; `dvc status` agrees with Snakemake")
 
 
 def cmd_validate(args) -> None:
@@ -225,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--params", default=P.PARAMS_FILE, help="params file (default: params.yaml)")
         p.add_argument("--overlay", action="append", help="YAML overlay merged over the params file (repeatable)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="one value over the params file and overlays, e.g. train.lr=0.001 (YAML value; repeatable)")
         p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
         p.add_argument("-v", "--verbose", action="store_true")
         if experiment:
@@ -265,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("dvc-yaml", cmd_dvc_yaml, "write dvc.yaml from the pipeline definition")
     p.add_argument("--output", default="dvc.yaml")
     p.add_argument("--check", action="store_true", help="fail if the file differs instead of writing it")
+    p = add("dvc-adopt", cmd_dvc_adopt, "after a complete Snakemake run: record its outputs in dvc.lock "
+            "(the report rule runs it)")
+    p.add_argument("--dvc-yaml", default="dvc.yaml")
     add("validate", cmd_validate, "validate params.yaml and list the pipeline's jobs")
     return parser
 

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,13 +307,30 @@ class EvalConfig:
 
 @dataclass
 class ReportConfig:
+    # The results set this params file regenerates: results/<name>/ (the main job "main", the
+    # ablation overlay "ablations"); a report only ever writes or deletes files of its own set.
+    name: str = "main"
     grid_samples: int = 40  # samples per grid (same seeds across stages)
     grid_columns: int = 10
     main_table: list[str] = field(default_factory=list)  # experiments in the main table (all if empty)
 
     def validate(self, key: str) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{key}.name: {self.name!r}: a results set name uses letters, digits, '_' and '-' only")
         _positive(self.grid_samples, f"{key}.grid_samples")
         _positive(self.grid_columns, f"{key}.grid_columns")
+
+
+@dataclass
+class RuntimeConfig:
+    """How every job computes on a CPU (dodlib/runtime.py): both decide the bytes of the results."""
+
+    threads: int = 1  # intra-op threads per job (a reduction over 2 threads adds in another order)
+    cpu_isa: str = "avx2"  # avx2: the same bytes on every x86-64 CPU with AVX2 | native: fastest here
+
+    def validate(self, key: str) -> None:
+        _positive(self.threads, f"{key}.threads")
+        _choice(self.cpu_isa, ("avx2", "native"), f"{key}.cpu_isa")
 
 
 @dataclass
@@ -333,6 +351,7 @@ class ExperimentConfig:
     stages: StagesConfig
     eval: EvalConfig
     report: ReportConfig
+    runtime: RuntimeConfig
 
     @property
     def trainer(self) -> str:
@@ -373,7 +392,7 @@ class ExperimentConfig:
 
 
 # Blocks every experiment shares: shared stages (data, latents, reference statistics) run once.
-SHARED_BLOCKS = ("data", "tokenizer", "eval", "report")
+SHARED_BLOCKS = ("data", "tokenizer", "eval", "report", "runtime")
 # Blocks an experiment may override.
 EXPERIMENT_BLOCKS = ("model", "lem", "train", "sample", "stages")
 TRAINING_BLOCKS = ("model", "lem", "train")
@@ -387,6 +406,7 @@ _BLOCK_TYPES = {
     "stages": StagesConfig,
     "eval": EvalConfig,
     "report": ReportConfig,
+    "runtime": RuntimeConfig,
 }
 
 
@@ -413,20 +433,52 @@ class Params:
         return [name for name, exp in self.experiments.items() if not exp.weights_from]
 
 
-def load_params(path: str | Path = "params.yaml", overlays: typing.Sequence[str | Path] = ()) -> Params:
-    """Read, overlay, resolve and validate a params file. Raises ConfigError naming the key."""
+def load_params(path: str | Path = "params.yaml", overlays: typing.Sequence[str | Path] = (),
+                sets: typing.Sequence[str] = ()) -> Params:
+    """Read, overlay, resolve and validate a params file. Raises ConfigError naming the key.
+    `sets`: "dotted.key=value" strings (YAML values) applied last, like `snakemake --config`
+    and `dvc exp run -S`."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path}")
     raw = _read_yaml(path)
     for overlay in overlays:
         raw = deep_merge(raw, _read_yaml(Path(overlay)))
+    for assignment in sets:
+        key, value = parse_assignment(assignment)
+        raw = deep_merge(raw, nest(key, value))
     return parse_params(raw)
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """"train.lr=0.001" -> ("train.lr", 0.001): the value is read as YAML, as both tools do."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=0.001")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: value {value!r} is not valid YAML: {err}") from err
+
+
+def nest(dotted: str, value: Any) -> dict:
+    """("a.b.c", v) -> {"a": {"b": {"c": v}}}."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"{dotted}: empty part in a dotted key")
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+# Every top-level key of a params file: the blocks, then the experiments.
+TOP_LEVEL_KEYS = tuple(_BLOCK_TYPES) + ("experiments",)
 
 
 def parse_params(raw: dict) -> Params:
     raw = copy.deepcopy(raw)
-    allowed = set(_BLOCK_TYPES) | {"experiments"}
+    allowed = set(TOP_LEVEL_KEYS)
     for key in raw:
         if key not in allowed:
             raise ConfigError(f"{key}: unknown top-level key (allowed: {', '.join(sorted(allowed))})")
@@ -573,6 +625,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf parse as floats; no parameter may be one
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if value is None:

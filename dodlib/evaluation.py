@@ -18,6 +18,7 @@ from .io import load_json, save_json
 from .metrics.detectors import FeatureNetDetector, InceptionDetector
 from .metrics.evaluate import compute_reference, evaluate_images, load_reference, save_reference
 from .metrics.feature_net import save_feature_net, train_feature_net
+from .runtime import PROVENANCE_FILE, provenance
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,23 @@ def evaluate_stage(exp: ExperimentConfig, stage: int, samples_dir, reference_dir
         "train_images": train_images,
         "sampling_gflops_per_image": gflops,
         **_parameter_counts(weights_path),
+        # What decided the bytes of the network, the samples and these numbers, and where each ran.
+        "provenance": {
+            "train": _provenance_of(Path(weights_path).parent),
+            "sample": _provenance_of(samples_dir),
+            "evaluate": provenance(exp.runtime.threads, exp.runtime.cpu_isa, "no"),
+        },
     }
     save_json(out_path, result)
     log.info("%s stage %d: %s", exp.name, stage,
              {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return result
+
+
+def _provenance_of(directory) -> dict:
+    """The runtime record a training or sampling stage left in its output directory."""
+    path = Path(directory) / PROVENANCE_FILE
+    return load_json(path) if path.exists() else {}
 
 
 def _parameter_counts(weights_path) -> dict:

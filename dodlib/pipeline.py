@@ -13,12 +13,13 @@ Snakemake tracks one marker file per output directory, written last; DVC tracks 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .config import Params
+from .config import TOP_LEVEL_KEYS, Params
 
 ARTIFACTS = "artifacts"
 STATE = "state"
@@ -26,7 +27,7 @@ RESULTS = "results"
 PARAMS_FILE = "params.yaml"
 PACKAGE = Path(__file__).resolve().parent
 # Top-level params.yaml keys (Snakemake's `config` may carry others from --config).
-CONFIG_BLOCKS = ("data", "tokenizer", "model", "lem", "train", "sample", "stages", "eval", "report", "experiments")
+CONFIG_BLOCKS = TOP_LEVEL_KEYS
 
 
 # ---- artifact paths (the one place that spells them) -----------------------------------------
@@ -84,15 +85,60 @@ def snapshots_path(exp: str) -> str:
     return f"{ARTIFACTS}/exp/{exp}/snapshots.json"
 
 
-def report_manifest_path() -> str:
-    """What the last report run wrote, with hashes. It lives under artifacts/ (never committed),
-    so a fresh clone, whose committed results/ look finished, still runs the pipeline."""
-    return f"{ARTIFACTS}/report/manifest.json"
+def results_dir(params: Params) -> str:
+    """The results set of this params file (`report.name`): results/main for the main job,
+    results/ablations for the ablation overlay. Each report owns its set and no other."""
+    return f"{RESULTS}/{params.base.report.name}"
+
+
+def report_manifest_path(params: Params) -> str:
+    """What the last report of this set wrote, with hashes. It lives under artifacts/ (never
+    committed), so a fresh clone, whose committed results/ look finished, still runs the pipeline."""
+    return f"{ARTIFACTS}/report/{params.base.report.name}/manifest.json"
+
+
+def report_provenance_path(params: Params) -> str:
+    """When, from which commit and on which machine the report last ran: kept out of results/,
+    whose bytes must not depend on the day or the machine."""
+    return f"{ARTIFACTS}/report/{params.base.report.name}/provenance.json"
 
 
 def state_dir(kind: str, exp: str = "", stage: int = 0) -> str:
     parts = [STATE, kind] + ([exp] if exp else []) + ([f"stage{stage}"] if stage else [])
     return "/".join(parts)
+
+
+# ---- command-line values -----------------------------------------------------------------------
+
+
+def config_assignments(overrides: dict, prefix: str = "") -> list[str]:
+    """`snakemake --config` values as "dotted.key=value" assignments for `dod --set`.
+
+    Snakemake allows no dots in --config keys, so nested values come as YAML mappings
+    (`--config 'train={lr: 0.001}'`), which it reads with YAML's base loader: every scalar a
+    string. Each leaf is read again as YAML here (0.001 a number, true a boolean) and written as
+    JSON, which YAML reads back as the same value."""
+    out = []
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out += config_assignments(value, prefix=f"{dotted}.")
+        else:
+            out.append(f"{dotted}={json.dumps(_typed(value))}")
+    return out
+
+
+def _typed(value):
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    return value
 
 
 # ---- stage definition ------------------------------------------------------------------------
@@ -284,15 +330,19 @@ def stages(params: Params) -> list[StageInstance]:
                     f"{x}.stages.overrides.{k}" for k in snapshot_stages]),
                 wildcards={"exp": name},
             ))
+    # How every job computes (threads, CPU code path) decides the bytes of its outputs.
+    for s in out:
+        s.params.update(_params(raw, [], ["runtime"]))
     report_deps = [s.markers[0] for s in out if s.rule.startswith(("evaluate_", "train_stage", "probe"))]
     report_deps += [marker(stage_dir(n, k)) for n, e in params.experiments.items() for k in range(1, e.stages.count + 1)]
+    results = results_dir(params)
     out.append(StageInstance(
         name="report", rule="report", area="report", cmd="dod report", deps=report_deps,
-        outs=[f"{RESULTS}/{d}" for d in ("README.md", "tables", "figures", "plots", "metrics.json")]
-        + [report_manifest_path()],
-        markers=[report_manifest_path(), f"{RESULTS}/README.md"] + [f"{RESULTS}/{f}" for f in report_figures(params)],
+        outs=[f"{results}/{d}" for d in ("README.md", "tables", "figures", "plots", "metrics.json")]
+        + [report_manifest_path(params)],
+        markers=[report_manifest_path(params), f"{results}/README.md"] + [f"{results}/{f}" for f in report_figures(params)],
         code=_code("report"), params=_params(raw, ["report", "experiments"]),
-        metrics=[f"{RESULTS}/metrics.json"], plots=[f"{RESULTS}/plots/metric_per_stage.csv"], cache=False,
+        metrics=[f"{results}/metrics.json"], plots=[f"{results}/plots/metric_per_stage.csv"], cache=False,
     ))
     return out
 
@@ -356,5 +406,5 @@ def dvc_yaml(params: Params) -> str:
     doc["plots"] = [
         {plot: {"x": "images", "y": "loss", "title": f"training loss: {s.name.removeprefix('train_')}"}}
         for s in jobs if s.rule.startswith("train_stage") for plot in s.plots
-    ] + [{f"{RESULTS}/plots/metric_per_stage.csv": {"x": "stage", "y": "value", "title": "metric per stage"}}]
+    ] + [{f"{results_dir(params)}/plots/metric_per_stage.csv": {"x": "stage", "y": "value", "title": "metric per stage"}}]
     return header + yaml.safe_dump(doc, sort_keys=False, width=120)

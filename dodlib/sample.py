@@ -27,6 +27,7 @@ from .config import ExperimentConfig, fingerprint
 from .guidance import make_guided_velocity_fn
 from .io import file_digest, load_json, save_json, save_npy
 from .priors import PriorCache, RealPriors
+from .runtime import PROVENANCE_FILE, provenance
 from .pipeline import SAMPLE_CODE, code_digest
 from .samplers import SamplerSpec, run_sampler
 from .train import load_weights
@@ -88,7 +89,8 @@ def sample_stage(
                 device=device, stop_after_shards=stop_after_shards, seed_kind="sample")
     if meta is not None:
         meta["prior_source"] = None if prior is None else ("real" if isinstance(prior, RealPriors) else "generated")
-        _finish(Path(out_dir), meta, against=inputs.priors, labels=inputs.labels)
+        _finish(Path(out_dir), meta, against=inputs.priors, labels=inputs.labels,
+                runtime_record=provenance(exp.runtime.threads, exp.runtime.cpu_isa, "no"))
     return meta
 
 
@@ -130,7 +132,8 @@ def pair_priors(
     if meta is not None:
         meta.update(purpose=f"fine-tuning pairs of stage {stage}", t0=ft.t0, regenerated_by_stage=source,
                     prior_source=None if previous is None else "pairs")
-        _finish(Path(out_dir), meta, against=starts, labels=labels, name="msd_to_clean")
+        _finish(Path(out_dir), meta, against=starts, labels=labels, name="msd_to_clean",
+                runtime_record=provenance(exp.runtime.threads, exp.runtime.cpu_isa, "no"))
     return meta
 
 
@@ -242,7 +245,7 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
     }
 
 
-def _finish(out_dir: Path, meta: dict, *, against, labels, name: str = "msd_to_prior") -> None:
+def _finish(out_dir: Path, meta: dict, *, against, labels, runtime_record: dict, name: str = "msd_to_prior") -> None:
     """The copying diagnostic against `against` (the priors, or the clean latents of pairs) under
     `name`, then meta.json (written last: it marks the cache complete)."""
     state_dir, timing = Path(meta.pop("_state_dir")), meta.pop("_timing")
@@ -251,6 +254,7 @@ def _finish(out_dir: Path, meta: dict, *, against, labels, name: str = "msd_to_p
         meta.update({name: to, "msd_within_class": within})
     # Wall-clock figures vary run to run: kept apart so meta.json is reproducible byte for byte.
     save_json(out_dir / "timing.json", timing)
+    save_json(out_dir / PROVENANCE_FILE, runtime_record)
     save_json(out_dir / "meta.json", meta)
     log.info("%s: %d samples (%s) from %s", out_dir, meta["num_samples"], ", ".join(meta["files"]), state_dir)
 

@@ -36,6 +36,7 @@ from .io import atomic_path, file_digest, load_json, save_json
 from .pipeline import TRAIN_CODE, code_digest
 from .latents import LatentSet
 from .priors import PriorCache
+from .runtime import PROVENANCE_FILE, provenance
 from .models import DoDModel
 from .transport import interpolate, sample_t
 
@@ -367,7 +368,8 @@ def train(
             signal.signal(s, handler)
 
     if accelerator.is_main_process:
-        _write_outputs(out_dir, state_dir, ema, spec, log_rows, cfg.snapshots)
+        record = provenance(exp.runtime.threads, exp.runtime.cpu_isa, accelerator.mixed_precision)
+        _write_outputs(out_dir, state_dir, ema, spec, log_rows, cfg.snapshots, record)
     return {"images": step * cfg.batch_size, "steps": step, "state_dir": str(state_dir)}
 
 
@@ -385,7 +387,7 @@ def _snapshot_path(state_dir: Path, images: int) -> Path:
     return state_dir / f"snapshot-{images:012d}.safetensors"
 
 
-def _write_outputs(out_dir: Path, state_dir: Path, ema, spec, log_rows, snapshots) -> None:
+def _write_outputs(out_dir: Path, state_dir: Path, ema, spec, log_rows, snapshots, record: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "snapshots").mkdir(exist_ok=True)
     for images in snapshots:
@@ -398,4 +400,5 @@ def _write_outputs(out_dir: Path, state_dir: Path, ema, spec, log_rows, snapshot
             writer = csv.DictWriter(f, fieldnames=["images", "step", "loss", "lr", "images_per_sec"])
             writer.writeheader()
             writer.writerows(log_rows)
+    save_json(out_dir / PROVENANCE_FILE, record)
     save_weights(out_dir / "model.safetensors", ema, spec)  # written last: marks the run complete

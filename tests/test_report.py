@@ -63,6 +63,10 @@ def make_tree(root: Path, params) -> dict:
                 "msd_to_prior": 0.05 if k >= 2 else None, "msd_within_class": 0.3 if k >= 2 else None,
                 "train_images": 256000, "params": 1_400_000, "lem_params": 90_000 if exp.lem.enabled else 0,
                 "sampling_gflops_per_image": 4.2 * k,
+                # one job ran on 2 threads: the README must name it among the departures
+                "provenance": {job: {"cpu_isa": "avx2", "torch": "9.9.9", "cpu_model": "Test CPU",
+                                     "threads": "2" if (name, k, job) == ("sit", 1, "sample") else "1"}
+                               for job in ("train", "sample", "evaluate")},
             }
             if name == "sit":  # a detector that cannot produce IS / precision: keys absent
                 for key in ("IS", "IS_std", "precision"):
@@ -104,7 +108,8 @@ def built(params, tmp_path_factory):
     names = P.report_figures(params) + EXTRA_FIGURES
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(report_mod, "report_figures", lambda p: names)
-        readme = build_report(params, results, root, manifest=root / "artifacts" / "report" / "manifest.json")
+        readme = build_report(params, results, root, manifest=root / "artifacts" / "report" / "manifest.json",
+                              provenance=root / "artifacts" / "report" / "provenance.json")
     return {"root": root, "results": results, "images": images, "readme": readme, "figures": names}
 
 
@@ -200,7 +205,13 @@ def test_metrics_json_and_plot_data(built):
 def test_readme_index(built, params):
     text = built["readme"].read_text()
     assert "## Findings" in text and "findings:begin" in text and "findings:end" in text
-    assert "UTC" in text and "commit" in text
+    # No date, commit or machine in results/ (they would change its bytes run to run): those go to
+    # the run record outside it, while the README names what decided the bytes and who departs.
+    assert "UTC" not in text and "from commit" not in text and "Test CPU" not in text
+    assert "| torch | `9.9.9` |" in text and "| threads | `1` |" in text
+    assert "`threads` = `2` in: sit/stage1 sample" in text
+    record = json.loads((built["root"] / "artifacts" / "report" / "provenance.json").read_text())
+    assert record["generated_utc"] and record["commit"] and record["jobs"]["sit/stage1"]["sample"]["cpu_model"] == "Test CPU"
     for table in ("main", "main_seeds", "cfg_sweep", "linear_probe"):
         assert f"tables/{table}.csv" in text
     for name in built["figures"]:

@@ -7,9 +7,12 @@ before anything is written), then writes:
   when a group holds seeds), linear_probe when probe.json files exist;
 - exactly the figures of `pipeline.report_figures(params)`, each as PNG and PDF;
 - metrics.json (flat, for `dvc metrics show`) and plots/metric_per_stage.csv (for `dvc plots`);
-- README.md: the index, with the generated findings and every experiment's overrides;
-- last, when asked, a manifest (sha256 of every file written) outside results/: Snakemake's
-  marker of a finished report, which a fresh clone with committed results/ does not have.
+- README.md: the index, with the generated findings, every experiment's overrides and the
+  provenance that decided the bytes (no date, commit or machine: the same inputs give the same
+  bytes, so a fresh clone that reruns the pipeline leaves `git status` clean);
+- when asked, the run's record (date, commit, machines) and last a manifest (sha256 of every file
+  written), both outside results/: the manifest is Snakemake's marker of a finished report, which
+  a fresh clone with committed results/ does not have.
 
 Files left in tables/, figures/ or plots/ by earlier runs (e.g. of a removed experiment) are
 deleted, so results/ always describes exactly the current params.
@@ -28,6 +31,7 @@ from .collect import ReportData, collect
 from .figures import write_figures, write_plot_data, writer_for
 from .findings import findings, group_findings
 from .index import git_describe, readme, write_readme
+from .provenance import readme_section, stage_records, write_run_record
 from .tables import metric_phrase, build_tables, write_metrics_json
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,7 @@ __all__ = ["build_report", "collect", "ReportData"]
 
 
 def build_report(params: Params, results_dir: str | Path, artifacts_root: str | Path = Path("."),
-                 manifest: str | Path | None = None) -> Path:
+                 manifest: str | Path | None = None, provenance: str | Path | None = None) -> Path:
     """Write the whole report into `results_dir`; returns the path of its README.md."""
     results_dir, root = Path(results_dir), Path(artifacts_root)
     figure_names = report_figures(params)
@@ -57,11 +61,15 @@ def build_report(params: Params, results_dir: str | Path, artifacts_root: str | 
     written.append(write_plot_data(data, results_dir / "plots" / "metric_per_stage.csv"))
     _remove_stale(results_dir, written)
 
+    records = stage_records(params, root)
     text = readme(
         params, tables, figures, findings(data.rows(data.main_experiments)) + group_findings(data.metrics), metric_phrase(data),
-        git_describe(root), extra_files=["metrics.json", "plots/metric_per_stage.csv"],
+        readme_section(records, str(provenance or "artifacts/report/<set>/provenance.json")),
+        extra_files=["metrics.json", "plots/metric_per_stage.csv"],
     )
     path = write_readme(results_dir / "README.md", text)
+    if provenance is not None:
+        write_run_record(Path(provenance), params, records, git_describe(root))
     if manifest is not None:
         write_manifest(Path(manifest), results_dir, written + [path])
     log.info("report: %d tables, %d figures in %s", len(tables), len(figures), results_dir)

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # Keys of a metrics JSON that identify the row rather than measure anything.
 ID_KEYS = ("experiment", "stage", "detector", "metric_name")
+# Records beside the numbers (read by report/provenance.py, not tabulated).
+RECORD_KEYS = ("provenance",)
 # Numeric keys every table knows how to show (others are kept in the frame but not tabulated).
 MEASURED_KEYS = (
     "IS", "IS_std", "precision", "recall", "class_accuracy",
@@ -141,7 +143,7 @@ def load_metrics(params: Params, root: Path) -> pd.DataFrame:
         row = _experiment_columns(exp, params.experiments[exp.trainer])
         row.update(stage=k, detector=m.get("detector", ""), metric_name=metric_name)
         for key, value in m.items():
-            if key in ID_KEYS:
+            if key in ID_KEYS or key in RECORD_KEYS:
                 continue
             # null (e.g. msd_* at stage 1) and absent keys both become NaN, shown as "–".
             row[key] = float(value) if _is_number(value) else (np.nan if value is None else value)

@@ -1,40 +1,47 @@
 # Shared set-up: the validated configuration and the pipeline definition every rule reads.
 
+import shlex
 from pathlib import Path
 
 from dodlib import pipeline as P
-from dodlib.config import load_params, parse_params
+from dodlib.config import ConfigError, load_params
 from snakemake.exceptions import WorkflowError
 
 
 configfile: "params.yaml"
 
 
-# Snakemake merges --configfile overlays into `config`; dodlib validates the merged result here,
-# before any job starts, and the same overlays are passed on to every `dod` command.
-PARAMS = parse_params({k: v for k, v in config.items() if k in P.CONFIG_BLOCKS})
+# Snakemake merges --configfile overlays and --config values into `config`; dodlib validates the
+# merged result here, before any job starts, and every `dod` command gets the same overlays and
+# values (`--overlay FILE`, `--set key=value`), so a value given on the command line is tracked and
+# reruns exactly what the same edit of params.yaml would.
 OVERLAY_FILES = [f for f in workflow.overwrite_configfiles if Path(f).resolve() != Path("params.yaml").resolve()]
-if PARAMS.raw != load_params("params.yaml", OVERLAY_FILES).raw:
-    raise WorkflowError("values given with --config do not reach the `dod` commands, which read params.yaml "
-                        "and overlay files: put them in a YAML file and pass it with --configfile")
+try:
+    CONFIG_SETS = P.config_assignments(workflow.config_settings.overwrite_config)
+    PARAMS = load_params("params.yaml", OVERLAY_FILES, sets=CONFIG_SETS)
+except ConfigError as err:
+    raise WorkflowError(f"invalid configuration: {err}") from None
 
 
-class OverlayOptions:
-    """The `--overlay` options of every `dod` command, as a rule param (`{params.overlays}`).
+class CommandOptions:
+    """The `--overlay` / `--set` options of every `dod` command, as a rule param
+    (`{params.overlays}`), each shell-quoted: a path with spaces or `$(...)` stays one argument.
 
     Deliberately not a builtin type: Snakemake only compares params it can represent, and which
-    overlay files carry the values must not trigger reruns (running with an overlay or with the
-    same values merged into params.yaml plans the same jobs); the values themselves are tracked
-    through `params.block`."""
+    overlay files or `--config` values carry the values must not trigger reruns (running with an
+    overlay or with the same values merged into params.yaml plans the same jobs); the values
+    themselves are tracked through `params.block`."""
 
-    def __init__(self, files):
-        self.files = list(files)
+    def __init__(self, files, sets):
+        self.options = [("--overlay", f) for f in files] + [("--set", s) for s in sets]
 
     def __str__(self):
-        return "".join(f" --overlay {f}" for f in self.files)
+        return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in self.options)
 
 
-OVERLAYS = OverlayOptions(OVERLAY_FILES)
+OVERLAYS = CommandOptions(OVERLAY_FILES, CONFIG_SETS)
+# Snakemake schedules --cores by threads; dod runs each job on exactly runtime.threads threads.
+THREADS = PARAMS.base.runtime.threads
 # The software of every rule, for --software-deployment-method conda (see the file).
 DOD_ENV = "../envs/dod.yaml"
 EXPERIMENTS = list(PARAMS.experiments)

@@ -10,6 +10,7 @@ rule prepare_data:
         block=job_params("prepare_data"),
         cmd=job_cmd("prepare_data"),
         overlays=OVERLAYS,
+    threads: THREADS
     conda:
         DOD_ENV
     log:
@@ -27,6 +28,7 @@ rule extract_latents:
         block=job_params("extract_latents"),
         cmd=job_cmd("extract_latents"),
         overlays=OVERLAYS,
+    threads: THREADS
     conda:
         DOD_ENV
     log:

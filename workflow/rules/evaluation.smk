@@ -13,6 +13,7 @@ if PARAMS.base.eval.detector == "features":
             block=job_params("train_feature_net"),
             cmd=job_cmd("train_feature_net"),
             overlays=OVERLAYS,
+        threads: THREADS
         conda:
             DOD_ENV
         log:
@@ -30,6 +31,7 @@ rule reference_stats:
         block=job_params("reference_stats"),
         cmd=job_cmd("reference_stats"),
         overlays=OVERLAYS,
+    threads: THREADS
     conda:
         DOD_ENV
     log:
@@ -51,6 +53,7 @@ for _k in range(1, MAX_STAGES + 1):
             block=job_params(f"evaluate_stage{_k}"),
             cmd=job_cmd(f"evaluate_stage{_k}"),
             overlays=OVERLAYS,
+        threads: THREADS
         conda:
             DOD_ENV
         log:
@@ -68,6 +71,7 @@ rule probe:
         block=job_params("probe"),
         cmd=job_cmd("probe"),
         overlays=OVERLAYS,
+    threads: THREADS
     conda:
         DOD_ENV
     log:
@@ -85,6 +89,7 @@ rule evaluate_snapshots:
         block=job_params("evaluate_snapshots"),
         cmd=job_cmd("evaluate_snapshots"),
         overlays=OVERLAYS,
+    threads: THREADS
     conda:
         DOD_ENV
     log:

@@ -5,19 +5,21 @@ rule report:
     input:
         job_inputs("report"),
     output:
-        P.report_manifest_path(),
-        f"{P.RESULTS}/README.md",
+        P.report_manifest_path(PARAMS),
+        f"{P.results_dir(PARAMS)}/README.md",
         [
-            report(f"{P.RESULTS}/{f}", category="Figures")
+            report(f"{P.results_dir(PARAMS)}/{f}", category="Figures")
             for f in P.report_figures(PARAMS)
         ],
     params:
         block=job_params("report"),
         cmd=job_cmd("report"),
         overlays=OVERLAYS,
+    threads: THREADS
     conda:
         DOD_ENV
     log:
         "logs/report.log",
     shell:
-        "{params.cmd}{params.overlays} > {log} 2>&1"
+        # Then record the outputs in DVC (params.yaml runs only), so both tools agree without a hand step.
+        "{params.cmd}{params.overlays} > {log} 2>&1 && dod dvc-adopt{params.overlays} >> {log} 2>&1"

@@ -14,6 +14,7 @@ for _k in range(1, MAX_STAGES + 1):
             block=job_params(f"sample_stage{_k}"),
             cmd=job_cmd(f"sample_stage{_k}"),
             overlays=OVERLAYS,
+        threads: THREADS
         conda:
             DOD_ENV
         log:

@@ -19,6 +19,7 @@ for _k in [1] + FINETUNED_STAGES:
             block=job_params(f"train_stage{_k}"),
             cmd=job_cmd(f"train_stage{_k}"),
             overlays=OVERLAYS,
+        threads: THREADS
         conda:
             DOD_ENV
         log:
@@ -48,6 +49,7 @@ for _k in FINETUNED_STAGES:
             block=job_params(f"pair_priors_stage{_k}"),
             cmd=job_cmd(f"pair_priors_stage{_k}"),
             overlays=OVERLAYS,
+        threads: THREADS
         conda:
             DOD_ENV
         log:
