@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import pipeline as P
 from .config import ConfigError, Params, load_params
+from .errors import DataError
 
 log = logging.getLogger("dod")
 
@@ -102,7 +103,7 @@ def _relaunch_distributed(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import EXIT_PREEMPTED, Preempted, train
+    from .train import EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteTraining, Preempted, train
 
     params = _load(args)  # before any relaunch: a bad file fails once, in this process
     _relaunch_distributed(args)
@@ -120,6 +121,9 @@ def cmd_train(args) -> None:
     except Preempted as err:
         log.warning("%s", err)
         sys.exit(EXIT_PREEMPTED)
+    except NonFiniteTraining as err:
+        log.error("%s", err)
+        sys.exit(EXIT_NON_FINITE)
 
 
 def cmd_sample(args) -> None:
@@ -320,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"dod {args.command}: invalid configuration: {err}")
     except FileNotFoundError as err:
         sys.exit(f"dod {args.command}: {err}")
+    except DataError as err:
+        sys.exit(f"dod {args.command}: bad input data: {err}")
 
 
 if __name__ == "__main__":

@@ -503,6 +503,10 @@ def parse_params(raw: dict) -> Params:
                 )
             # A borrower samples with the owner's networks, its fine-tuned stages included.
             exp.stages.finetune = {str(k): owner.stages.finetune[str(k)] for k in owner.stages.finetuned()}
+    unknown = [n for n in next(iter(experiments.values())).report.main_table if n not in experiments]
+    if unknown:
+        raise ConfigError(f"report.main_table: no experiment named {', '.join(map(repr, unknown))} "
+                          f"(have: {', '.join(experiments)})")
     return Params(raw=raw, experiments=experiments)
 
 
@@ -548,6 +552,11 @@ def _resolve_experiment(raw: dict, name: str, overrides: dict) -> ExperimentConf
     )
     for k in exp.stages.finetuned():
         exp.finetune_train(k)  # validates the stage's `train` overrides now, not when the job runs
+    for k in exp.stages.overrides:
+        exp.stage_sampling(int(k))  # and each stage's sampler/CFG block, before any job runs
+    if exp.eval.pr_k >= min(exp.sample.num_samples, exp.eval.max_reference):
+        raise ConfigError(f"eval.pr_k: {exp.eval.pr_k} neighbours need more samples than that: {key}.sample.num_samples="
+                          f"{exp.sample.num_samples}, eval.max_reference={exp.eval.max_reference}")
     return exp
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import TOP_LEVEL_KEYS, Params
+from .config import TOP_LEVEL_KEYS, ConfigError, Params
 
 ARTIFACTS = "artifacts"
 STATE = "state"
@@ -203,7 +203,11 @@ def _lookup(raw: dict, dotted: str):
 
 def _params(raw: dict, keys: list[str], optional: list[str] = ()) -> dict:
     """Values of `keys` (must exist) and of `optional` keys that exist, in that order."""
-    out = {k: _lookup(raw, k) for k in keys}
+    try:
+        out = {k: _lookup(raw, k) for k in keys}
+    except KeyError as err:
+        raise ConfigError(f"{err.args[0]}: missing from the params file; the pipeline tracks it as a parameter "
+                          "of its stages (start from the repository's params.yaml)") from None
     for k in optional:
         try:
             out[k] = _lookup(raw, k)

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 PRIOR_FILES = ("latents", "labels", "seeds")
 
 
+class NonFiniteSamples(RuntimeError):
+    """A sampled latent holds NaN or inf: the shard is never written as finished."""
+
+
 def sample_seed(base_seed: int, index: int, stage: int, kind: str = "sample") -> int:
     """Per-sample, per-stage seed: independent of batching; distinct across stages and across
     kinds of run (samples vs the fine-tuning pairs of a stage)."""
@@ -210,6 +214,14 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
                 noise_fn = lambda step: torch.stack(  # noqa: E731  per-sample SDE increments
                     [torch.randn(latent_shape, generator=g) for g in gens]).to(device)
                 x, nfe = run_sampler(spec, velocity_fn, x.to(device), noise_fn, t_start=inputs.t_start)
+                finite = torch.isfinite(x.flatten(1)).all(dim=1).cpu()
+                if not bool(finite.all()):
+                    bad = index[~finite.numpy()]
+                    raise NonFiniteSamples(
+                        f"experiments.{exp.name} stage {stage}: shard {j} has non-finite latents at sample "
+                        f"indices {bad[:20].tolist()}{' ...' if len(bad) > 20 else ''} ({len(bad)} of {len(index)} "
+                        f"in this batch); the shard is not written. Check the weights and the sampling "
+                        f"parameters (cfg scale, sampler)")
                 if tokenizer is not None:
                     td = time.perf_counter()
                     shard["images"].append(fixed_shape(tokenizer.decode, scfg.micro_batch)(x).cpu().numpy())
@@ -223,7 +235,9 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
             shard[what] = [array[lo:hi]]
         for what, parts in shard.items():
             save_npy(state_dir / f"{what}-{j:05d}.npy", np.concatenate(parts))
-        save_json(state_dir / f"shard-{j:05d}.json", {"samples": hi - lo, "nfe": nfe, **timing})
+        # The sizes let a resume tell a damaged shard (a full disk, a bad copy) from a finished one.
+        sizes = {f"{what}-{j:05d}.npy": (state_dir / f"{what}-{j:05d}.npy").stat().st_size for what in shard}
+        save_json(state_dir / f"shard-{j:05d}.json", {"samples": hi - lo, "nfe": nfe, "bytes": sizes, **timing})
         written += 1
         if stop_after_shards is not None and written >= stop_after_shards and j != mine[-1]:
             bar.close()
@@ -316,13 +330,34 @@ def _copy_diagnostics(out_dir: Path, num_shards: int, prior_latents: np.ndarray,
 
 
 def _shard_done(state_dir: Path, j: int) -> bool:
-    return (state_dir / f"shard-{j:05d}.json").exists()
+    """Whether shard j is finished and intact; a damaged one is reported by name and redone."""
+    record = state_dir / f"shard-{j:05d}.json"
+    if not record.exists():
+        return False
+    try:
+        sizes = load_json(record)["bytes"]
+    except (ValueError, KeyError, OSError) as err:
+        log.warning("%s is unreadable (%s); sampling shard %d again", record, err, j)
+        return False
+    for name, size in sizes.items():
+        path = state_dir / name
+        if not path.exists() or path.stat().st_size != size:
+            log.warning("%s is damaged (%s bytes, %d expected); sampling shard %d again", path,
+                        path.stat().st_size if path.exists() else "no", size, j)
+            record.unlink()
+            return False
+    return True
 
 
 def _publish(state_dir: Path, out_dir: Path, num_shards: int, files) -> None:
     """Fill the declared output directory from the finished shards (hard links where possible)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # an old marker must not outlive the old shards
+    wanted = {f"{what}-{j:05d}.npy" for j in range(num_shards) for what in files}
+    for old in out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].npy"):
+        if old.name not in wanted:  # e.g. after lowering sample.num_samples: DVC would cache them
+            log.info("%s: removing stale shard %s", out_dir, old.name)
+            old.unlink()
     for j in range(num_shards):
         for what in files:
             name = f"{what}-{j:05d}.npy"

@@ -17,6 +17,7 @@ parameter or an edited module starts a fresh run instead of resuming a stale one
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import logging
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # Exit code after a checkpoint written on one of CHECKPOINT_SIGNALS (EX_TEMPFAIL: "try again later").
 EXIT_PREEMPTED = 75
+# Exit code when the loss or the gradient norm stops being finite (EX_DATAERR): rerunning the same
+# configuration would diverge the same way, so it is not a retryable failure.
+EXIT_NON_FINITE = 65
 # SIGTERM: preemption / scancel. SIGUSR1: the usual warning signal. SIGURG: the warning signal to use
 # under Snakemake's Slurm executor (`--signal=URG@600`): its default action is "ignore", so the
 # snakemake process that wraps the job survives it, while USR1 would kill that process first.
@@ -229,6 +233,30 @@ class Preempted(Exception):
     pass
 
 
+class NonFiniteTraining(RuntimeError):
+    """The loss or gradient norm became NaN or infinite. Training stops at the first such step (no
+    skipping: at this scale a non-finite step means a wrong configuration, not a rare bad batch),
+    before the optimizer applies it; the last checkpoint is the last good state."""
+
+
+def load_latest_checkpoint(state_dir: Path, model, ema, optimizer):
+    """Restore the newest checkpoint that loads, and return its state.json (None: start fresh).
+    A damaged one (truncated by a full disk, say) is reported by name and the one before it used."""
+    for ckpt in reversed(list_checkpoints(state_dir)):
+        try:
+            state = load_json(ckpt / "state.json")
+            weights = load_file(str(ckpt / "model.safetensors"))
+            ema_weights = load_file(str(ckpt / "ema.safetensors"))
+            optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+            model.load_state_dict(weights)
+            ema.load_state_dict(ema_weights)
+            optimizer.load_state_dict(optimizer_state)
+            return state, ckpt
+        except Exception as err:  # noqa: BLE001  any unreadable part makes the whole checkpoint unusable
+            log.warning("checkpoint %s is damaged (%s: %s); trying the one before it", ckpt, type(err).__name__, err)
+    return None, None
+
+
 def train(
     exp: ExperimentConfig,
     latents_dir: str | Path,
@@ -289,15 +317,17 @@ def train(
 
     total_steps = math.ceil(cfg.images / cfg.batch_size)
     step, log_rows = 0, []
-    checkpoints = list_checkpoints(state_dir)
-    if checkpoints:
-        latest = checkpoints[-1]
-        model.load_state_dict(load_file(str(latest / "model.safetensors")))
-        ema.load_state_dict(load_file(str(latest / "ema.safetensors")))
-        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-        state = load_json(latest / "state.json")
+    initial = copy.deepcopy((model.state_dict(), optimizer.state_dict()))  # if no checkpoint loads
+    state, latest = load_latest_checkpoint(state_dir, model, ema, optimizer)
+    if state is not None:
         step, log_rows = state["step"], state["log"]
         accelerator.print(f"resuming {exp.name} from {latest.name} ({step * cfg.batch_size} images)")
+    elif list_checkpoints(state_dir):
+        log.warning("%s: no checkpoint could be loaded; training %s from the start", state_dir, exp.name)
+        model.load_state_dict(initial[0])
+        ema.load_state_dict(initial[0])
+        optimizer.load_state_dict(initial[1])
+    del initial
 
     wrapped, optimizer = accelerator.prepare(PriorConditionedLoss(model), optimizer)
     ema.to(device)
@@ -332,8 +362,17 @@ def train(
                     b.prior_latent[mine].to(device), None if b.prior_keep is None else b.prior_keep[mine].to(device),
                 ).mean()
             accelerator.backward(loss)
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # The gradient norm is the same on every process (gradients are all-reduced), so all of
+            # them stop together; max_norm=inf measures without changing a gradient.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            loss_value, norm_value = float(loss.detach()), float(grad_norm)
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                raise NonFiniteTraining(
+                    f"experiments.{exp.name}: non-finite {what} at step {step + 1} ({step * cfg.batch_size} images "
+                    f"seen; loss {loss_value}, gradient norm {norm_value}); nothing was written to {out_dir}, and "
+                    f"the last good checkpoint stays the latest in {state_dir}. Lower train.lr, raise "
+                    "train.warmup_images or set train.grad_clip, then rerun")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -77,3 +77,11 @@ def test_same_bytes_on_an_avx2_only_machine_and_with_other_thread_settings(tmp_p
         # The pin is what makes them equal: this CPU's own widest code paths give other bytes.
         native = _train_and_sample(tmp_path / "native", {}, sets=("runtime.cpu_isa=native",))
         assert native["artifacts/exp/dod/train/model.safetensors"] != here["artifacts/exp/dod/train/model.safetensors"]
+
+
+def test_the_cli_imports_neither_torch_nor_numpy_before_it_pins_the_runtime():
+    """Each library reads its pin when it loads: a module-level import of either in the CLI's
+    import chain would silently unpin every job."""
+    code = "import sys, dodlib.cli; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

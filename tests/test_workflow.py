@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.workspace import make_workspace, planned_jobs, run
+from tests.workspace import REPO, make_workspace, planned_jobs, run
 
 pytestmark = pytest.mark.slow
 
@@ -57,20 +57,34 @@ def set_param(dotted: str, value):
     return edit
 
 
-def test_full_run_fills_results_and_nothing_is_planned_again(finished):
-    assert (finished / "results" / "README.md").exists()
-    assert (finished / "results" / "tables" / "main.csv").exists()
+def test_full_run_fills_results_and_both_tools_call_it_up_to_date(finished):
+    """After Snakemake alone, with no hand step, neither tool has anything to do."""
+    assert (finished / "results" / "smoke" / "README.md").exists()
+    assert (finished / "results" / "smoke" / "tables" / "main.csv").exists()
+    assert not (finished / "results" / "main").exists()  # a report writes its own set only
+    assert "outputs recorded in dvc.lock" in (finished / "logs" / "report.log").read_text()
     assert snakemake_plan(finished) == set()
     assert "up to date" in run(["dvc", "status"], finished)
+    assert dvc_reruns(finished) == set()
+
+
+def test_the_committed_smoke_results_are_regenerated_byte_for_byte(finished):
+    """results/smoke/ in git is what the smoke configuration makes: a fresh run rewrites it with
+    the same bytes (the provenance that decides them is in its README; no date, commit, machine)."""
+    committed, regenerated = REPO / "results" / "smoke", finished / "results" / "smoke"
+    files = lambda root: sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())  # noqa: E731
+    assert files(regenerated) == files(committed) and files(committed)
+    differ = [f for f in files(committed) if (committed / f).read_bytes() != (regenerated / f).read_bytes()]
+    assert differ == [], f"regenerated results differ from the committed ones: {differ}"
 
 
 def test_dvc_repro_on_a_fresh_workspace_gives_snakemakes_results(finished, tmp_path):
     """Either tool runs the whole DAG from scratch, with the same numbers and sample bytes; and
     after DVC's run Snakemake plans nothing (DVC's copy cache leaves the files' mtimes alone).
-    Snakemake runs each job with OMP_NUM_THREADS set to its threads (1): CPU kernels round in
-    the last bits differently with other thread counts, so DVC runs here with the same."""
+    Thread counts and CPU code paths come from the params' runtime block (every `dod` command pins
+    them), so DVC needs no OMP_NUM_THREADS to match Snakemake, even against a caller's setting."""
     ws = make_workspace(tmp_path / "dvc")
-    dvc_reruns(ws, env={"OMP_NUM_THREADS": "1"})
+    dvc_reruns(ws, env={"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
     assert "up to date" in run(["dvc", "status"], ws)
     assert snakemake_plan(ws) == set()
     metrics = lambda root: {p.relative_to(root).as_posix(): p.read_text()  # noqa: E731
@@ -164,7 +178,7 @@ def test_dvc_metrics_and_plots_read_the_pipelines_outputs(finished, tmp_path):
 
     values = dvc_json("metrics", "show")[""]["data"]
     assert values["artifacts/exp/dod/metrics/stage2.json"]["data"]["num_samples"] > 0
-    assert "dod/stage2/precision" in values["results/metrics.json"]["data"]
+    assert "dod/stage2/precision" in values["results/smoke/metrics.json"]["data"]
 
     set_param("eval.pr_k", 1)(ws)
     dvc_reruns(ws)
@@ -172,10 +186,39 @@ def test_dvc_metrics_and_plots_read_the_pipelines_outputs(finished, tmp_path):
     pr_keys = {"precision", "recall"}
     stage2 = diff["artifacts/exp/dod/metrics/stage2.json"]
     assert set(stage2) - {"pr_k"} <= pr_keys and set(stage2) & pr_keys, sorted(stage2)
-    assert all(key.rsplit("/", 1)[1] in pr_keys for key in diff["results/metrics.json"])
+    assert all(key.rsplit("/", 1)[1] in pr_keys for key in diff["results/smoke/metrics.json"])
 
     plots = tmp_path / "plots"
     run(["dvc", "plots", "show", "-o", str(plots)], ws)
     html = (plots / "index.html").read_text()
     for title in ("training loss: stage1-dod", "metric per stage"):
         assert title in html, title
+
+
+def test_snakemake_config_values_are_validated_and_rerun_what_a_params_edit_would(finished, tmp_path):
+    """`snakemake --config` (nested YAML values: Snakemake allows no dots in its keys) reaches every
+    `dod` command as a quoted `--set`, and plans exactly what the same edit of params.yaml plans."""
+    ws = edited_copy(finished, tmp_path, lambda ws: None)
+    for value, (_, expected) in (
+        ("experiments={sit: {train: {seed: 1}}}", SCENARIOS["training key of one experiment"]),
+        ("stages={overrides: {2: {cfg: {scale: 2.0}}}}", SCENARIOS["sampling key: stage-2 CFG scale"]),
+        ("eval={pr_k: 5}", SCENARIOS["evaluation key"]),
+    ):
+        out = run(["snakemake", "-n", "-p", "--cores", "2", "--config", value], ws)
+        assert planned_jobs(out) == expected, value
+    assert "--set experiments.sit.train.seed=1" in run(
+        ["snakemake", "-n", "-p", "--cores", "2", "--config", "experiments={sit: {train: {seed: 1}}}"], ws)
+    for value, key in (("train={lr: .nan}", "train.lr"), ("sample={cfg: {scael: 2}}", "sample.cfg.scael")):
+        out = run(["snakemake", "-n", "--cores", "2", "--config", value], ws, check=False)
+        assert key in out and "invalid configuration" in out, out[-2000:]
+
+
+def test_dvc_exp_run_with_a_set_value_reruns_its_stages_and_exp_show_lists_it(finished, tmp_path):
+    ws = edited_copy(finished, tmp_path, lambda ws: None)
+    git = ["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost"]
+    run([*git, "add", "-A"], ws)
+    run([*git, "commit", "-q", "-m", "finished smoke run"], ws)
+    out = run(["dvc", "exp", "run", "--name", "sit-seed1", "-S", "experiments.sit.train.seed=1"], ws)
+    assert set(re.findall(r"Running stage '([^']+)'", out)) == SCENARIOS["training key of one experiment"][1]
+    shown = run(["dvc", "exp", "show", "--csv"], ws)
+    assert "sit-seed1" in shown

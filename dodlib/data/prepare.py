@@ -59,6 +59,8 @@ def _prepare_embedded(cfg: DataConfig, out_dir: Path) -> dict:
 
 def _prepare_imagefolder(cfg: DataConfig, out_dir: Path) -> dict:
     root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} is not a directory (expected train/<class>/ images in it)")
     train_dir = root / "train" if (root / "train").is_dir() else root
     classes = list_classes(train_dir)
     files = list_files(train_dir, classes, cfg.max_per_class)
@@ -82,21 +84,37 @@ def _prepare_imagefolder(cfg: DataConfig, out_dir: Path) -> dict:
             for j, f in enumerate(members):
                 (val_files if j in picks else train_files).append(f)
         files = train_files
-    summary = {"source": cfg.source, "root": str(root), "resolution": cfg.resolution, "skipped": []}
+    summary = {"source": cfg.source, "root": str(root), "resolution": cfg.resolution, "skipped": [], "upscaled": []}
     for split, split_files in (("train", files), ("val", val_files)):
         skipped: list[str] = []
+        upscaled: list[str] = []
+        per_class = np.zeros(len(classes), dtype=np.int64)
+
+        def counted(batches):
+            for images, labels in batches:
+                np.add.at(per_class, labels, 1)
+                yield images, labels
+
         meta = write_image_shards(
             out_dir / split,
-            iter_imagefolder(split_files, cfg.resolution, 256, skipped),
+            counted(iter_imagefolder(split_files, cfg.resolution, 256, skipped, upscaled)),
             classes=classes,
             shard_size=cfg.shard_size,
-            extra_meta={"skipped": skipped},
+            extra_meta={"skipped": skipped, "upscaled": upscaled},
         )
         summary[split] = meta["num_images"]
         summary["skipped"] += skipped
+        summary["upscaled"] += upscaled
         if skipped:
             log.warning("%s: skipped %d unreadable images (listed in meta.json)", split, len(skipped))
+        if upscaled:
+            log.warning("%s: %d images are smaller than data.resolution=%d and were upscaled (listed in "
+                        "meta.json), e.g. %s", split, len(upscaled), cfg.resolution, upscaled[0])
         if meta["num_images"] == 0:
             raise DataError(f"{split}: every image was unreadable")
+        empty = [classes[c] for c in np.flatnonzero(per_class == 0)]
+        if empty and split == "train":
+            raise DataError(f"{train_dir}: {len(empty)} class(es) kept no readable image: {', '.join(empty[:10])} "
+                            "(every file unreadable); remove the folder or fix its files")
     log.info("prepared %s: %d train, %d val images, %d skipped", root, summary["train"], summary["val"], len(summary["skipped"]))
     return summary

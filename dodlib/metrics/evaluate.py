@@ -245,7 +245,8 @@ def evaluate_images(
     ref_feats = reference.get("features")
     want_pr = ref_feats is not None and len(ref_feats) > k
     if not want_pr:
-        log.warning("reference has no features: precision/recall skipped")
+        log.warning("precision/recall skipped: the reference has %s features, they need more than k=%d",
+                    0 if ref_feats is None else len(ref_feats), k)
     label_src = _label_batches(labels) if detector.logits_are_labels else None
 
     moments, gen = StreamingMoments(), Reservoir(max_gen, seed) if want_pr else None
@@ -254,6 +255,9 @@ def evaluate_images(
     t0 = time.perf_counter()
     for batch in _progress(batches, f"evaluate [{detector.name}]", progress):
         feats, logits = detector.features_and_logits(batch)
+        if not (torch.isfinite(feats).all() if torch.is_tensor(feats) else np.isfinite(feats).all()):
+            raise ValueError(f"evaluate [{detector.name}]: non-finite detector features in the batch after "
+                             f"{moments.count} samples (NaN images?); refusing to report metrics of them")
         moments.update(feats)
         if gen is not None:
             gen.add(feats)

@@ -8,34 +8,24 @@ rounding).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 from scipy import linalg
 
+from ..io import atomic_path
+
 log = logging.getLogger(__name__)
 
 
 def atomic_savez(path: str | Path, **arrays) -> None:
-    """Write an .npz atomically: temp file in the same directory, then rename.
-
-    A killed job must never leave a file that looks complete (DESIGN §6).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    """Write an .npz atomically (dodlib.io.atomic_path: a killed job never leaves a file that looks
+    complete, and the file gets the ordinary, group-readable mode)."""
+    with atomic_path(path) as tmp:
         # Writing through a file object stops numpy from appending ".npz" to the temp name.
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _as_2d_float64(x) -> np.ndarray:
