@@ -13,6 +13,7 @@ include: "workflow/rules/training.smk"
 include: "workflow/rules/sampling.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/workspace.smk"
 
 
 rule all:

@@ -203,12 +203,16 @@ def cmd_report(args) -> None:
 
 def cmd_dvc_yaml(args) -> None:
     params = _load(args)
-    text = P.dvc_yaml(params)
+    if args.set:
+        raise ConfigError("dod dvc-yaml: --set values would not reach DVC (it reads the params files); "
+                          "put them in params.yaml or an overlay")
+    text = P.dvc_yaml(params, args.overlay or ())
     target = Path(args.output)
     if args.check:
         current = target.read_text() if target.exists() else ""
         if current != text:
-            sys.exit(f"{target} is stale: run `dod dvc-yaml` to regenerate it from dodlib/pipeline.py")
+            sys.exit(f"{target} is stale: run `dod dvc-yaml{''.join(' --overlay ' + o for o in args.overlay or ())}` "
+                     "to regenerate it from dodlib/pipeline.py")
         print(f"{target} is up to date")
         return
     from .io import atomic_path
@@ -220,19 +224,22 @@ def cmd_dvc_yaml(args) -> None:
 
 def cmd_dvc_adopt(args) -> None:
     """Record the workspace's outputs in dvc.lock (`dvc commit --force`) after a complete Snakemake
-    run, so that DVC then calls it up to date too. Only for the configuration DVC reads: params.yaml
-    alone, with dvc.yaml current; otherwise (overlays, --config values) it says why and does nothing.
+    run (its onsuccess hook, workflow/rules/workspace.smk), so that DVC then calls it up to date too. Only for the configuration DVC reads: params.yaml
+    and overlays of this run, with dvc.yaml generated for them; otherwise (--config values, another
+    dvc.yaml) it says why and does nothing.
     Never fails the run: Snakemake's results stand either way."""
     import subprocess
 
     params = _load(args)
+    overlays = args.overlay or ()
     why_not = None
-    if args.overlay or args.set:
-        why_not = "this run used overlays or --config values, and DVC reads params.yaml alone"
+    if args.set:
+        why_not = "this run used --config values, which DVC does not read"
     elif not Path(".dvc").is_dir() or not Path(args.dvc_yaml).exists():
         why_not = "no DVC project here"
-    elif Path(args.dvc_yaml).read_text() != P.dvc_yaml(params):
-        why_not = f"{args.dvc_yaml} is stale (run `dod dvc-yaml`)"
+    elif Path(args.dvc_yaml).read_text() != P.dvc_yaml(params, overlays):
+        why_not = (f"{args.dvc_yaml} is not the one for this configuration (run "
+                   f"`dod dvc-yaml{''.join(' --overlay ' + o for o in overlays)}` to make it so)")
     if why_not:
         print(f"dod dvc-adopt: not recording the outputs in DVC: {why_not}")
         return
@@ -305,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="dvc.yaml")
     p.add_argument("--check", action="store_true", help="fail if the file differs instead of writing it")
     p = add("dvc-adopt", cmd_dvc_adopt, "after a complete Snakemake run: record its outputs in dvc.lock "
-            "(the report rule runs it)")
+            "(Snakemake runs it when its report ran)")
     p.add_argument("--dvc-yaml", default="dvc.yaml")
     add("validate", cmd_validate, "validate params.yaml and list the pipeline's jobs")
     return parser

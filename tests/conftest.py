@@ -5,9 +5,16 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import pytest
-import torch
-import yaml
+# The tests call the library in-process and compare with `dod` commands run as subprocesses, which
+# pin the numerical runtime (params.yaml's runtime block): pin this process the same way, before
+# torch or numpy is imported anywhere.
+from dodlib.runtime import pin
+
+pin(1, "avx2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from dodlib.config import deep_merge, parse_params
 
@@ -59,7 +66,7 @@ def prepared(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory) -> Path:
-    """A smoke workspace where Snakemake ran the whole DAG locally (its report rule records the
+    """A smoke workspace where Snakemake ran the whole DAG locally (its onsuccess hook records the
     outputs in dvc.lock, so DVC agrees with no hand step)."""
     from tests.workspace import make_workspace, run
 

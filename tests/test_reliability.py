@@ -295,3 +295,139 @@ def test_an_overlay_path_with_shell_characters_runs_no_command(tmp_path):
     run(["snakemake", "--cores", "1", "prepare_data", "--configfile", str(odd)], ws)
     assert not list(ws.rglob("PWNED*"))
     assert json.loads((ws / "artifacts" / "data" / "summary.json").read_text())["resolution"] == 8
+
+
+# ---- one tool at a time ------------------------------------------------------------------------------
+
+
+def _wait_for(condition, what: str, timeout: float = 120):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def _background(cmd: list[str], ws: Path, log: Path):
+    import subprocess
+
+    from tests.workspace import ENV
+
+    # Its own session: the test's clean-up kills the whole tree (a tool and the jobs it started).
+    return subprocess.Popen(cmd, cwd=ws, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc) -> None:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_dvc_refuses_to_run_while_snakemake_holds_the_workspace(finished, tmp_path):
+    import shutil
+
+    ws = tmp_path / "ws"
+    shutil.copytree(finished, ws, symlinks=True)
+    (ws / "logs" / "sit" / "train_stage1.log").unlink()
+    long_training = ["snakemake", "--cores", "1", "-f", "artifacts/exp/sit/train/model.safetensors",
+                     "--config", "experiments={sit: {train: {images: 60000}}}"]
+    proc = _background(long_training, ws, tmp_path / "snakemake.log")
+    try:
+        _wait_for(lambda: (ws / "logs" / "sit" / "train_stage1.log").exists(), "Snakemake's training job")
+        out = run(["dvc", "repro"], ws, check=False)
+        assert "Unable to acquire lock" in out, out[-2000:]
+        assert (ws / "artifacts" / "exp" / "dod" / "stage3" / "meta.json").exists()  # DVC deleted nothing
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.slow
+def test_snakemake_refuses_to_start_while_dvc_runs(finished, tmp_path):
+    import shutil
+
+    import yaml
+
+    from dodlib.workspace import dvc_processes
+
+    ws = tmp_path / "ws"
+    shutil.copytree(finished, ws, symlinks=True)
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    raw["experiments"]["sit"]["train"]["images"] = 60000
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = _background(["dvc", "repro", "train_stage1-sit"], ws, tmp_path / "dvc.log")
+    try:
+        _wait_for(lambda: dvc_processes(ws), "DVC's stage to start")
+        out = run(["snakemake", "--cores", "1"], ws, check=False)
+        assert "DVC is running in this workspace" in out, out[-2000:]
+    finally:
+        _stop(proc)
+
+
+# ---- kill -9 ------------------------------------------------------------------------------------------
+
+
+def _kill_when(cmd: list[str], ws: Path, ready, what: str) -> None:
+    """Start a `dod` command, SIGKILL it as soon as `ready()` holds (no handler runs), and wait."""
+    import signal
+
+    proc = _background(cmd, ws, ws / f"killed-{len(list(ws.glob('killed-*')))}.log")
+    try:
+        _wait_for(lambda: ready() or proc.poll() is not None, what)
+        assert proc.poll() is None, f"{' '.join(cmd)} ended before it could be killed ({what})"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+
+
+def _dod_workspace(tmp_path: Path, prepared: Path, raw: dict) -> Path:
+    import yaml
+
+    from dodlib import pipeline as P
+
+    ws = tmp_path / "ws"
+    (ws / "artifacts").mkdir(parents=True)
+    os.symlink(prepared / "latents", ws / P.latents_dir())
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw))
+    return ws
+
+
+@pytest.mark.slow
+def test_kill_9_of_training_and_of_sampling_at_two_moments_resumes_bit_identical(prepared, tmp_path):
+    from dodlib import pipeline as P
+
+    raw = deep_merge(deep_merge(repo_params_raw(), TINY_OVERRIDES),
+                     {"train": {"images": 8192, "checkpoint_every": 1024},
+                      "sample": {"num_samples": 200, "sampler": {"num_steps": 100}}})
+    params = parse_params(raw)
+    exp = params.experiment("dod")
+    train(exp, prepared / "latents" / "train", tmp_path / "straight" / "out", tmp_path / "straight" / "state")
+    weights = tmp_path / "straight" / "out" / "model.safetensors"
+    straight = sample_stage(exp, 1, weights, tmp_path / "straight" / "s1", tmp_path / "straight" / "ss1",
+                            PixelTokenizer(exp.tokenizer.space_to_depth))
+    assert straight is not None
+
+    ws = _dod_workspace(tmp_path, prepared, raw)
+    state = ws / "state" / "train" / "dod"
+    checkpoints = lambda: list(state.glob("*/ckpt-*"))  # noqa: E731
+    images = lambda d: {p.name for p in d.glob("*/ckpt-*")}  # noqa: E731
+    command = ["dod", "train", "--experiment", "dod"]
+    _kill_when(command, ws, lambda: len(checkpoints()) >= 1, "the first checkpoint")
+    first = images(state)
+    _kill_when(command, ws, lambda: images(state) - first, "a later checkpoint")
+    run(command, ws)
+    a, b = load_file(str(weights)), load_file(str(ws / P.weights_path("dod")))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    shards = lambda: list((ws / "state" / "sample").rglob("shard-*.json"))  # noqa: E731
+    command = ["dod", "sample", "--experiment", "dod", "--stage", "1"]
+    _kill_when(command, ws, lambda: len(shards()) >= 1, "the first finished shard")
+    _kill_when(command, ws, lambda: len(shards()) >= 3, "a later shard")
+    run(command, ws)
+    one, two = PriorCache(tmp_path / "straight" / "s1"), PriorCache(ws / P.stage_dir("dod", 1))
+    for what in ("latents", "labels", "seeds"):
+        assert np.array_equal(one.load(what), two.load(what)), what

@@ -62,7 +62,7 @@ def test_full_run_fills_results_and_both_tools_call_it_up_to_date(finished):
     assert (finished / "results" / "smoke" / "README.md").exists()
     assert (finished / "results" / "smoke" / "tables" / "main.csv").exists()
     assert not (finished / "results" / "main").exists()  # a report writes its own set only
-    assert "outputs recorded in dvc.lock" in (finished / "logs" / "report.log").read_text()
+    assert "outputs recorded in dvc.lock" in (finished / "logs" / "dvc_adopt.log").read_text()
     assert snakemake_plan(finished) == set()
     assert "up to date" in run(["dvc", "status"], finished)
     assert dvc_reruns(finished) == set()
@@ -222,3 +222,25 @@ def test_dvc_exp_run_with_a_set_value_reruns_its_stages_and_exp_show_lists_it(fi
     assert set(re.findall(r"Running stage '([^']+)'", out)) == SCENARIOS["training key of one experiment"][1]
     shown = run(["dvc", "exp", "show", "--csv"], ws)
     assert "sit-seed1" in shown
+
+
+def test_dvc_runs_an_overlay_with_no_hand_merge_and_reproduces_its_committed_results(tmp_path):
+    """`dod dvc-yaml --overlay params/smoke.yaml` makes a dvc.yaml whose commands pass the overlay on
+    and whose parameters are tracked in the file that holds each; `dvc repro` then regenerates the
+    committed results/smoke/ byte for byte, and Snakemake with the same overlay plans nothing."""
+    from tests.workspace import copy_tracked
+
+    ws = copy_tracked(tmp_path / "clone")
+    run(["git", "init", "-q"], ws)
+    run(["dod", "dvc-yaml", "--overlay", "params/smoke.yaml"], ws)
+    stages = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+    assert stages["train_stage1-dod"]["cmd"] == "dod train --experiment dod --overlay params/smoke.yaml"
+    # runtime is in params.yaml only; lem, train and the experiment's train block in both files
+    assert stages["train_stage1-dod"]["params"][-1] == {"params/smoke.yaml": ["lem", "train", "experiments.dod.train"]}
+    dvc_reruns(ws)
+    committed, regenerated = REPO / "results" / "smoke", ws / "results" / "smoke"
+    for path in committed.rglob("*"):
+        if path.is_file():
+            assert (regenerated / path.relative_to(committed)).read_bytes() == path.read_bytes(), path
+    assert planned_jobs(run(["snakemake", "-n", "--cores", "2", "--configfile", "params/smoke.yaml"], ws)) == set()
+    assert "up to date" in run(["dvc", "status"], ws)

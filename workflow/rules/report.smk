@@ -21,5 +21,4 @@ rule report:
     log:
         "logs/report.log",
     shell:
-        # Then record the outputs in DVC (params.yaml runs only), so both tools agree without a hand step.
-        "{params.cmd}{params.overlays} > {log} 2>&1 && dod dvc-adopt{params.overlays} >> {log} 2>&1"
+        "{params.cmd}{params.overlays} > {log} 2>&1"
