@@ -17,7 +17,6 @@ parameter or an edited module starts a fresh run instead of resuming a stale one
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import logging
@@ -240,20 +239,23 @@ class NonFiniteTraining(RuntimeError):
 
 
 def load_latest_checkpoint(state_dir: Path, model, ema, optimizer):
-    """Restore the newest checkpoint that loads, and return its state.json (None: start fresh).
-    A damaged one (truncated by a full disk, say) is reported by name and the one before it used."""
+    """Restore the newest checkpoint that reads whole, and return (its state.json, its directory);
+    (None, None) when none does. A damaged one (truncated by a full disk, say) is reported by name
+    and the one before it tried. Every file is read before anything is applied, so a damaged
+    checkpoint leaves model, EMA and optimizer exactly as they were: a fresh start needs no copy."""
     for ckpt in reversed(list_checkpoints(state_dir)):
         try:
             state = load_json(ckpt / "state.json")
             weights = load_file(str(ckpt / "model.safetensors"))
             ema_weights = load_file(str(ckpt / "ema.safetensors"))
             optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-            model.load_state_dict(weights)
-            ema.load_state_dict(ema_weights)
-            optimizer.load_state_dict(optimizer_state)
-            return state, ckpt
         except Exception as err:  # noqa: BLE001  any unreadable part makes the whole checkpoint unusable
             log.warning("checkpoint %s is damaged (%s: %s); trying the one before it", ckpt, type(err).__name__, err)
+            continue
+        model.load_state_dict(weights)
+        ema.load_state_dict(ema_weights)
+        optimizer.load_state_dict(optimizer_state)
+        return state, ckpt
     return None, None
 
 
@@ -317,17 +319,12 @@ def train(
 
     total_steps = math.ceil(cfg.images / cfg.batch_size)
     step, log_rows = 0, []
-    initial = copy.deepcopy((model.state_dict(), optimizer.state_dict()))  # if no checkpoint loads
     state, latest = load_latest_checkpoint(state_dir, model, ema, optimizer)
     if state is not None:
         step, log_rows = state["step"], state["log"]
         accelerator.print(f"resuming {exp.name} from {latest.name} ({step * cfg.batch_size} images)")
     elif list_checkpoints(state_dir):
         log.warning("%s: no checkpoint could be loaded; training %s from the start", state_dir, exp.name)
-        model.load_state_dict(initial[0])
-        ema.load_state_dict(initial[0])
-        optimizer.load_state_dict(initial[1])
-    del initial
 
     wrapped, optimizer = accelerator.prepare(PriorConditionedLoss(model), optimizer)
     ema.to(device)
