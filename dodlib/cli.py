@@ -201,6 +201,11 @@ def cmd_report(args) -> None:
                  provenance=Path(P.report_provenance_path(params)))
 
 
+def _dvc_yaml_command(overlays) -> str:
+    """The command that writes the dvc.yaml of params.yaml with these overlays."""
+    return "dod dvc-yaml" + "".join(f" --overlay {o}" for o in overlays or ())
+
+
 def cmd_dvc_yaml(args) -> None:
     params = _load(args)
     if args.set:
@@ -211,8 +216,8 @@ def cmd_dvc_yaml(args) -> None:
     if args.check:
         current = target.read_text() if target.exists() else ""
         if current != text:
-            sys.exit(f"{target} is stale: run `dod dvc-yaml{''.join(' --overlay ' + o for o in args.overlay or ())}` "
-                     "to regenerate it from dodlib/pipeline.py")
+            sys.exit(f"{target} is stale: run `{_dvc_yaml_command(args.overlay)}` to regenerate it from "
+                     "dodlib/pipeline.py")
         print(f"{target} is up to date")
         return
     from .io import atomic_path
@@ -224,9 +229,9 @@ def cmd_dvc_yaml(args) -> None:
 
 def cmd_dvc_adopt(args) -> None:
     """Record the workspace's outputs in dvc.lock (`dvc commit --force`) after a complete Snakemake
-    run (its onsuccess hook, workflow/rules/workspace.smk), so that DVC then calls it up to date too. Only for the configuration DVC reads: params.yaml
-    and overlays of this run, with dvc.yaml generated for them; otherwise (--config values, another
-    dvc.yaml) it says why and does nothing.
+    run (its onsuccess hook, workflow/rules/workspace.smk), so that DVC then calls it up to date too.
+    Only for the configuration DVC reads: params.yaml and the overlays of this run, with dvc.yaml
+    generated for them; otherwise (--config values, another dvc.yaml) it says why and does nothing.
     Never fails the run: Snakemake's results stand either way."""
     import subprocess
 
@@ -239,7 +244,7 @@ def cmd_dvc_adopt(args) -> None:
         why_not = "no DVC project here"
     elif Path(args.dvc_yaml).read_text() != P.dvc_yaml(params, overlays):
         why_not = (f"{args.dvc_yaml} is not the one for this configuration (run "
-                   f"`dod dvc-yaml{''.join(' --overlay ' + o for o in overlays)}` to make it so)")
+                   f"`{_dvc_yaml_command(overlays)}` to make it so)")
     if why_not:
         print(f"dod dvc-adopt: not recording the outputs in DVC: {why_not}")
         return

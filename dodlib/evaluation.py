@@ -109,7 +109,7 @@ def evaluate_stage(exp: ExperimentConfig, stage: int, samples_dir, reference_dir
         "provenance": {
             "train": _provenance_of(Path(weights_path).parent),
             "sample": _provenance_of(samples_dir),
-            "evaluate": provenance(exp.runtime.threads, exp.runtime.cpu_isa, "no"),
+            "evaluate": provenance(exp.runtime, "no"),
         },
     }
     save_json(out_path, result)

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from .config import TOP_LEVEL_KEYS, ConfigError, Params
+from .config import ConfigError, Params
 
 ARTIFACTS = "artifacts"
 STATE = "state"
 RESULTS = "results"
 PARAMS_FILE = "params.yaml"
 PACKAGE = Path(__file__).resolve().parent
-# Top-level params.yaml keys (Snakemake's `config` may carry others from --config).
-CONFIG_BLOCKS = TOP_LEVEL_KEYS
 
 
 # ---- artifact paths (the one place that spells them) -----------------------------------------

@@ -106,15 +106,16 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def deciding(threads: int, cpu_isa: str, precision: str) -> dict[str, str]:
-    """What decides the bytes of a CPU run, the same on every machine of one kind (strings: a record,
-    not metrics). `aten_capability` is the level PyTorch actually runs at in this process."""
+def deciding(runtime, precision: str) -> dict[str, str]:
+    """What decides the bytes of a CPU run under the params' `runtime` block (threads, cpu_isa), the
+    same on every machine of one kind (strings: a record, not metrics). `aten_capability` is the
+    level PyTorch actually runs at in this process."""
     import torch
 
     return {
-        "cpu_isa": cpu_isa,
+        "cpu_isa": runtime.cpu_isa,
         "aten_capability": str(torch.backends.cpu.get_cpu_capability()),
-        "threads": str(threads),
+        "threads": str(runtime.threads),
         "precision": precision,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -125,11 +126,11 @@ def deciding(threads: int, cpu_isa: str, precision: str) -> dict[str, str]:
     }
 
 
-def provenance(threads: int, cpu_isa: str, precision: str) -> dict[str, str]:
+def provenance(runtime, precision: str) -> dict[str, str]:
     """`deciding(...)` plus the machine that ran: its CPU model, architecture and widest ISA."""
     flags = _cpu_flags()
     widest = next((isa for isa in ("avx512f", "avx2", "avx", "sse4_2") if isa in flags), "unknown")
-    return {**deciding(threads, cpu_isa, precision), "cpu_model": _cpu_model(), "machine": platform.machine(),
+    return {**deciding(runtime, precision), "cpu_model": _cpu_model(), "machine": platform.machine(),
             "cpu_widest_isa": widest}
 
 

@@ -94,7 +94,7 @@ def sample_stage(
     if meta is not None:
         meta["prior_source"] = None if prior is None else ("real" if isinstance(prior, RealPriors) else "generated")
         _finish(Path(out_dir), meta, against=inputs.priors, labels=inputs.labels,
-                runtime_record=provenance(exp.runtime.threads, exp.runtime.cpu_isa, "no"))
+                runtime_record=provenance(exp.runtime, "no"))
     return meta
 
 
@@ -137,7 +137,7 @@ def pair_priors(
         meta.update(purpose=f"fine-tuning pairs of stage {stage}", t0=ft.t0, regenerated_by_stage=source,
                     prior_source=None if previous is None else "pairs")
         _finish(Path(out_dir), meta, against=starts, labels=labels, name="msd_to_clean",
-                runtime_record=provenance(exp.runtime.threads, exp.runtime.cpu_isa, "no"))
+                runtime_record=provenance(exp.runtime, "no"))
     return meta
 
 

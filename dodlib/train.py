@@ -404,7 +404,7 @@ def train(
             signal.signal(s, handler)
 
     if accelerator.is_main_process:
-        record = provenance(exp.runtime.threads, exp.runtime.cpu_isa, accelerator.mixed_precision)
+        record = provenance(exp.runtime, accelerator.mixed_precision)
         _write_outputs(out_dir, state_dir, ema, spec, log_rows, cfg.snapshots, record)
     return {"images": step * cfg.batch_size, "steps": step, "state_dir": str(state_dir)}
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from dodlib import pipeline as P
@@ -23,16 +22,9 @@ from dodlib.sample import sample_stage
 from dodlib.tokenizers import PixelTokenizer
 from dodlib.train import train
 from tests.conftest import TINY_OVERRIDES, repo_params_raw
+from tests.workspace import dod_workspace
 
 pytestmark = pytest.mark.slow
-
-
-def workspace(tmp_path: Path, prepared: Path, raw: dict) -> Path:
-    ws = tmp_path / "ws"
-    (ws / "artifacts").mkdir(parents=True)
-    os.symlink(prepared / "latents", ws / P.latents_dir())
-    (ws / "params.yaml").write_text(yaml.safe_dump(raw))
-    return ws
 
 
 def dod(ws: Path, *args: str) -> None:
@@ -55,7 +47,7 @@ def test_sampling_with_two_processes_equals_one(raw, prepared, tmp_path):
     sample_stage(exp, 1, weights / "model.safetensors", tmp_path / "one" / "s1", tmp_path / "one" / "ss1",
                  PixelTokenizer(exp.tokenizer.space_to_depth))
 
-    ws = workspace(tmp_path, prepared, raw)
+    ws = dod_workspace(tmp_path / "ws", prepared, raw)
     shutil.copytree(weights, ws / P.train_dir("dod"))
     dod(ws, "sample", "--experiment", "dod", "--stage", "1", "--processes", "2")
     one, two = PriorCache(tmp_path / "one" / "s1"), PriorCache(ws / P.stage_dir("dod", 1))
@@ -69,7 +61,7 @@ def test_training_with_two_processes_matches_one(raw, prepared, tmp_path):
     raw = deep_merge(raw, {"train": {"images": 512}})
     exp = parse_params(raw).experiment("sit")
     train(exp, prepared / "latents" / "train", tmp_path / "one" / "out", tmp_path / "one" / "state")
-    ws = workspace(tmp_path, prepared, raw)
+    ws = dod_workspace(tmp_path / "ws", prepared, raw)
     dod(ws, "train", "--experiment", "sit", "--processes", "2")
     a = load_file(str(tmp_path / "one" / "out" / "model.safetensors"))
     b = load_file(str(ws / P.weights_path("sit")))

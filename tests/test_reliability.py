@@ -26,7 +26,7 @@ from dodlib.sample import NonFiniteSamples, PriorCache, sample_stage
 from dodlib.tokenizers import PixelTokenizer
 from dodlib.train import NonFiniteTraining, list_checkpoints, train
 from tests.conftest import TINY_OVERRIDES, repo_params_raw
-from tests.workspace import REPO, copy_tracked, run
+from tests.workspace import REPO, copy_tracked, dod_workspace, run
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -384,18 +384,6 @@ def _kill_when(cmd: list[str], ws: Path, ready, what: str) -> None:
         proc.wait(timeout=60)
 
 
-def _dod_workspace(tmp_path: Path, prepared: Path, raw: dict) -> Path:
-    import yaml
-
-    from dodlib import pipeline as P
-
-    ws = tmp_path / "ws"
-    (ws / "artifacts").mkdir(parents=True)
-    os.symlink(prepared / "latents", ws / P.latents_dir())
-    (ws / "params.yaml").write_text(yaml.safe_dump(raw))
-    return ws
-
-
 @pytest.mark.slow
 def test_kill_9_of_training_and_of_sampling_at_two_moments_resumes_bit_identical(prepared, tmp_path):
     from dodlib import pipeline as P
@@ -411,7 +399,7 @@ def test_kill_9_of_training_and_of_sampling_at_two_moments_resumes_bit_identical
                             PixelTokenizer(exp.tokenizer.space_to_depth))
     assert straight is not None
 
-    ws = _dod_workspace(tmp_path, prepared, raw)
+    ws = dod_workspace(tmp_path / "ws", prepared, raw)
     state = ws / "state" / "train" / "dod"
     checkpoints = lambda: list(state.glob("*/ckpt-*"))  # noqa: E731
     images = lambda d: {p.name for p in d.glob("*/ckpt-*")}  # noqa: E731

@@ -33,7 +33,9 @@ def test_environment_pins_threads_and_avx2_code_paths():
 
 
 def test_provenance_names_what_decides_the_bytes_and_the_machine():
-    record = runtime.provenance(1, "avx2", "no")
+    from dodlib.config import RuntimeConfig
+
+    record = runtime.provenance(RuntimeConfig(threads=1, cpu_isa="avx2"), "no")
     for key in ("cpu_isa", "aten_capability", "threads", "precision", "torch", "numpy", "scipy", "cpu_model", "machine"):
         assert record[key], key
     assert all(isinstance(v, str) for v in record.values())  # a record, not metrics

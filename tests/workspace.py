@@ -50,6 +50,17 @@ def make_workspace(dest: Path, extra: dict | None = None) -> Path:
     return dest
 
 
+def dod_workspace(dest: Path, prepared: Path, raw: dict) -> Path:
+    """A bare workspace for `dod` commands run as subprocesses: params.yaml from `raw` and the
+    prepared latents linked in (no repository files, no tools)."""
+    from dodlib import pipeline as P
+
+    (dest / "artifacts").mkdir(parents=True)
+    os.symlink(prepared / "latents", dest / P.latents_dir())
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw))
+    return dest
+
+
 def planned_jobs(dry_run_output: str) -> set[str]:
     """Jobs of a Snakemake dry run, named like the DVC stages (rule-experiment)."""
     jobs, rule = set(), None

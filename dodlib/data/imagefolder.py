@@ -18,9 +18,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jpe", ".gif"}
 # Pillow's 16/32-bit greyscale modes: convert("RGB") would clip every value above 255 to white.
-_WIDE_GREY = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
-
-
+_WIDE_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
 def list_classes(split_dir: Path) -> list[str]:

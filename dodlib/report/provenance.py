@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import pipeline as P
 from ..config import Params
 from ..io import load_json, save_json
-from ..runtime import deciding
+from ..runtime import provenance
 
 JOBS = ("train", "sample", "evaluate")
 # The record's keys that decide the bytes on a CPU (the same on every machine of one kind).
@@ -72,13 +72,11 @@ def write_run_record(path: Path, params: Params, records: dict, commit: str,
                      now: _dt.datetime | None = None) -> Path:
     """Date, commit and machines of this report run, with every job's full record."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    runtime = params.base.runtime
     save_json(path, {
         "results_set": params.base.report.name,
         "generated_utc": now.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": commit,
-        "report_host": {**deciding(runtime.threads, runtime.cpu_isa, "no"), "machine": platform.machine(),
-                        "node": platform.node()},
+        "report_host": {**provenance(params.base.runtime, "no"), "node": platform.node()},
         "jobs": records,
     })
     return path
