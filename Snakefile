@@ -20,3 +20,5 @@ rule all:
     default_target: True
     input:
         P.find(PARAMS, "report").markers,
+        # with eval.export_npz: every stage's samples as ADM .npz too
+        [s.markers[0] for s in P.stages(PARAMS) if s.rule.startswith("export_npz_stage")],

@@ -173,6 +173,18 @@ def cmd_evaluate(args) -> None:
                    train_images=params.experiment(exp.trainer).train_images(args.stage), device=_device(args))
 
 
+def cmd_export_npz(args) -> None:
+    from .export import export_npz
+
+    params = _load(args)
+    exp = params.experiment(args.experiment)
+    if not 1 <= args.stage <= exp.stages.count:
+        raise ConfigError(f"--stage {args.stage}: experiments.{exp.name} has stages 1..{exp.stages.count}")
+    out = args.output or P.export_path(exp.name, args.stage)
+    summary = export_npz(P.stage_dir(exp.name, args.stage), out)
+    log.info("wrote %s: arr_0 uint8 %s, arr_1 labels (%.1f MB)", out, summary["shape"], summary["bytes"] / 1e6)
+
+
 def cmd_probe(args) -> None:
     from .probe import probe_stage
 
@@ -308,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="compute batch (results do not depend on it)")
     add_processes(p)
     add("evaluate", cmd_evaluate, "evaluate_stage{k}: metrics JSON for a stage's samples", experiment=True, stage=True)
+    p = add("export-npz", cmd_export_npz, "export_npz_stage{k}: a stage's samples as an ADM-format .npz "
+            "(arr_0 images, arr_1 labels) for OpenAI's evaluator", experiment=True, stage=True)
+    p.add_argument("--output", default=None, help="where to write it (default: artifacts/exp/<exp>/export/stage<k>.npz)")
     add("probe", cmd_probe, "probe: linear probe (top-1) of the LEM bottleneck on held-out real latents",
         experiment=True)
     add("evaluate-snapshots", cmd_evaluate_snapshots,

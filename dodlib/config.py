@@ -293,6 +293,8 @@ class EvalConfig:
     batch_size: int = 250
     max_reference: int = 10_000  # real features kept for precision/recall
     pr_k: int = 3  # neighbours for improved precision/recall (Kynkaanniemi et al. use 3)
+    # Also write each stage's samples as an ADM-format .npz (OpenAI's evaluator) in the pipeline.
+    export_npz: bool = False
     feature_net: FeatureNetConfig = field(default_factory=FeatureNetConfig)
 
     def validate(self, key: str) -> None:

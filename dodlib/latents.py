@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from .progress import progress
 
 from .config import DataConfig, TokenizerConfig
 from .data.shards import ImageShards
@@ -50,8 +50,8 @@ def extract_latents(
     pending = 0
     stochastic = False
     latent_shape: list[int] = []
-    for batch, _ in tqdm(images.batches(tok_cfg.batch_size), desc=f"latents {Path(split_dir).name}",
-                         total=-(-len(images) // tok_cfg.batch_size), leave=False):
+    for batch, _ in progress(images.batches(tok_cfg.batch_size), desc=f"latents {Path(split_dir).name}", unit="batch",
+                             total=-(-len(images) // tok_cfg.batch_size), leave=False):
         batch = torch.from_numpy(batch)
         views = [batch, hflip(batch)][:flips]
         moments = [tokenizer.encode_moments(v) for v in views]

@@ -167,7 +167,7 @@ class StageInstance:
 # Modules whose source shapes a stage's results. Besides being the stages' code dependencies, the
 # two with resumable state fold a digest of them into their state key: after a code edit a rerun
 # starts over instead of resuming (or reusing) checkpoints and shards made by the old code.
-TRAIN_CODE = ("train", "transport", "models")
+TRAIN_CODE = ("train", "training_log", "transport", "models")
 SAMPLE_CODE = ("sample", "samplers", "guidance", "priors")
 
 
@@ -213,6 +213,10 @@ def _params(raw: dict, keys: list[str], optional: list[str] = ()) -> dict:
         except KeyError:
             pass
     return out
+
+
+def export_path(exp: str, stage: int) -> str:
+    return f"{ARTIFACTS}/exp/{exp}/export/stage{stage}.npz"
 
 
 def marker(directory: str, name: str = "meta.json") -> str:
@@ -312,6 +316,8 @@ def stages(params: Params) -> list[StageInstance]:
                 params=_params(raw, ["eval.batch_size", "eval.pr_k"]), wildcards={"exp": name},
                 metrics=[metrics_path(name, k)],
             ))
+            if params.base.eval.export_npz:
+                out.append(export_stage(name, k))
         if not exp.weights_from and exp.lem.enabled and exp.lem.kind == "lem":
             out.append(StageInstance(
                 name=f"probe-{name}", rule="probe", area="evaluation", cmd=f"dod probe --experiment {name}",
@@ -348,6 +354,17 @@ def stages(params: Params) -> list[StageInstance]:
         metrics=[f"{results}/metrics.json"], plots=[f"{results}/plots/metric_per_stage.csv"], cache=False,
     ))
     return out
+
+
+def export_stage(exp: str, stage: int) -> StageInstance:
+    """The ADM-format export of one stage's samples. In the DAG only with `eval.export_npz`, but
+    defined for every stage, so that `snakemake export_samples` or one export file can be asked for."""
+    return StageInstance(
+        name=f"export_npz_stage{stage}-{exp}", rule=f"export_npz_stage{stage}", area="evaluation",
+        cmd=f"dod export-npz --experiment {exp} --stage {stage}", deps=[marker(stage_dir(exp, stage))],
+        outs=[export_path(exp, stage)], markers=[export_path(exp, stage)], code=_code("export"), params={},
+        wildcards={"exp": exp},
+    )
 
 
 def report_figures(params: Params) -> list[str]:

@@ -27,6 +27,7 @@ from .config import ExperimentConfig, fingerprint
 from .guidance import make_guided_velocity_fn
 from .io import file_digest, load_json, save_json, save_npy
 from .priors import PriorCache, RealPriors
+from .progress import progress
 from .runtime import PROVENANCE_FILE, provenance
 from .pipeline import SAMPLE_CODE, code_digest
 from .samplers import SamplerSpec, run_sampler
@@ -178,11 +179,9 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
     done_before = sum(_shard_done(state_dir, j) for j in mine)
     if done_before:
         log.info("stage %d of %s: resuming, %d/%d shards already done", stage, exp.name, done_before, len(mine))
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(min(scfg.shard_size, n - j * scfg.shard_size) for j in mine), unit="img", mininterval=2,
-               desc=f"{exp.name} stage {stage}" + (f" [{seed_kind}]" if seed_kind != "sample" else ""),
-               disable=not procs.is_local_main_process)
+    bar = progress(total=sum(min(scfg.shard_size, n - j * scfg.shard_size) for j in mine), unit="img",
+                   desc=f"sample {exp.name} stage {stage}" + (f" [{seed_kind}]" if seed_kind != "sample" else ""),
+                   enabled=procs.is_local_main_process)
     written = 0
     for j in mine:
         lo, hi = j * scfg.shard_size, min((j + 1) * scfg.shard_size, n)

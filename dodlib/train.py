@@ -12,12 +12,13 @@ optimizer state plus the step counter, nothing else.
 
 Resumable state lives in `state_dir` (outside the declared outputs, which Snakemake deletes before
 a job runs), keyed by a fingerprint of everything that shapes training, the training code included: a changed
-parameter or an edited module starts a fresh run instead of resuming a stale one. Declared outputs are written once at the end.
+parameter or an edited module starts a fresh run instead of resuming a stale one. Declared outputs
+are written once at the end, except the live training log (`training_log.py`), rebuilt from the
+checkpoint at every start and appended as training runs.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
@@ -36,8 +37,10 @@ from .io import atomic_path, file_digest, load_json, save_json
 from .pipeline import TRAIN_CODE, code_digest
 from .latents import LatentSet
 from .priors import PriorCache
+from .progress import progress
 from .runtime import PROVENANCE_FILE, provenance
 from .models import DoDModel
+from .training_log import LIVE_DIR, TrainingLog
 from .transport import interpolate, sample_t
 
 log = logging.getLogger(__name__)
@@ -342,11 +345,11 @@ def train(
     every = lambda n: max(1, n // cfg.batch_size)  # noqa: E731  (images -> steps)
     snapshot_steps = {math.ceil(s / cfg.batch_size): s for s in cfg.snapshots}
     window_start, window_images = time.perf_counter(), 0
+    training_log = TrainingLog(log_rows, out_dir / LIVE_DIR if accelerator.is_main_process else None)
     try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="img",
-                   disable=not accelerator.is_main_process, desc=f"train {exp.name}", mininterval=2)
+        # Lines only at log rows (interval=None): they carry the loss, and a bar's count adds nothing.
+        bar = progress(total=total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="img",
+                       enabled=accelerator.is_main_process, desc=f"train {exp.name} stage {stage}", interval=None)
         while step < total_steps:
             b = make_batch(cfg, prior_dropout, data, step, spec["num_classes"], use_prior)
             mine = slice(rank, None, world)  # this process's share of the global batch
@@ -384,8 +387,9 @@ def train(
                 elapsed = time.perf_counter() - window_start
                 row = {"images": step * cfg.batch_size, "step": step, "loss": float(accelerator.gather(loss.detach()).mean()),
                        "lr": lr, "images_per_sec": window_images / max(elapsed, 1e-9)}
-                log_rows.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", ips=f"{row['images_per_sec']:.0f}")
+                if accelerator.is_main_process:
+                    training_log.append(row)
+                bar.note(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", ips=f"{row['images_per_sec']:.0f}")
                 window_start, window_images = time.perf_counter(), 0
             if step in snapshot_steps and accelerator.is_main_process:
                 save_file(cpu_state(ema), str(_snapshot_path(state_dir, snapshot_steps[step])))
@@ -394,7 +398,7 @@ def train(
             )
             if (step % every(cfg.checkpoint_every) == 0 or preempt or step == total_steps) and accelerator.is_main_process:
                 save_checkpoint(state_dir, step, step * cfg.batch_size, accelerator.unwrap_model(wrapped).model,
-                                ema, optimizer, log_rows)
+                                ema, optimizer, training_log.rows)
             accelerator.wait_for_everyone()
             if preempt:
                 raise Preempted(f"stopped at {step * cfg.batch_size} images; checkpoint in {state_dir}")
@@ -405,7 +409,7 @@ def train(
 
     if accelerator.is_main_process:
         record = provenance(exp.runtime, accelerator.mixed_precision)
-        _write_outputs(out_dir, state_dir, ema, spec, log_rows, cfg.snapshots, record)
+        _write_outputs(out_dir, state_dir, ema, spec, training_log, cfg.snapshots, record)
     return {"images": step * cfg.batch_size, "steps": step, "state_dir": str(state_dir)}
 
 
@@ -423,7 +427,8 @@ def _snapshot_path(state_dir: Path, images: int) -> Path:
     return state_dir / f"snapshot-{images:012d}.safetensors"
 
 
-def _write_outputs(out_dir: Path, state_dir: Path, ema, spec, log_rows, snapshots, record: dict) -> None:
+def _write_outputs(out_dir: Path, state_dir: Path, ema, spec, training_log: TrainingLog, snapshots,
+                   record: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "snapshots").mkdir(exist_ok=True)
     for images in snapshots:
@@ -431,10 +436,6 @@ def _write_outputs(out_dir: Path, state_dir: Path, ema, spec, log_rows, snapshot
         with atomic_path(target) as tmp:
             shutil.copyfile(_snapshot_path(state_dir, images), tmp)
         save_json(target.with_suffix(".json"), spec)
-    with atomic_path(out_dir / "train_log.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["images", "step", "loss", "lr", "images_per_sec"])
-            writer.writeheader()
-            writer.writerows(log_rows)
+    training_log.write_csv(out_dir / "train_log.csv")
     save_json(out_dir / PROVENANCE_FILE, record)
     save_weights(out_dir / "model.safetensors", ema, spec)  # written last: marks the run complete

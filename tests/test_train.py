@@ -36,6 +36,23 @@ def test_kill_and_resume_gives_identical_ema(tiny_params, prepared, tmp_path):
     snap = "snapshots/ema-000000000512.safetensors"
     sa, sb = load_file(str(tmp_path / "straight" / "out" / snap)), load_file(str(tmp_path / "resumed" / "out" / snap))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # The live log of the resumed run: the straight run's rows, none twice (rows logged after the
+    # last checkpoint before the interruption are not kept: those steps were redone).
+    straight, resumed = (_live_series(tmp_path / run / "out", "loss") for run in ("straight", "resumed"))
+    assert [step for step, _ in resumed] == [step for step, _ in straight]
+    assert len({step for step, _ in resumed}) == len(resumed) == len(_csv_rows(tmp_path / "resumed" / "out"))
+    assert [loss for _, loss in resumed] == [loss for _, loss in straight]  # deterministic replay
+
+
+def _live_series(out_dir, name):
+    """(images, value) rows of one DVCLive series of a training run."""
+    lines = (out_dir / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["step", name]
+    return [(int(step), float(value)) for step, value in (line.split("\t") for line in lines[1:])]
+
+
+def _csv_rows(out_dir):
+    return (out_dir / "train_log.csv").read_text().splitlines()[1:]
 
 
 def test_trained_model_learns_and_reloads(tiny_params, prepared, tmp_path):
@@ -126,6 +143,11 @@ def test_sigusr1_checkpoints_and_exits_with_distinct_code(tmp_path, prepared):
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=60) == 75
     t.join(timeout=5)
+    # stderr is a pipe, not a terminal: progress comes as whole lines (no carriage-return bar), and
+    # each training-log row is one of them, with its loss.
+    text = "".join(lines)
+    assert "\r" not in text
+    assert any("train sit stage 1:" in line and "loss" in line for line in lines), text[-2000:]
     ckpts = list((work / "state" / "train" / "sit").glob("*/ckpt-*"))
     assert ckpts, "".join(lines)[-2000:]
 
@@ -172,3 +194,21 @@ def test_finetuning_from_weights_of_another_architecture_is_an_error(tiny_raw, p
     with pytest.raises(ValueError, match="architecture"):
         train(params.experiment("dod"), prepared / "latents" / "train", tmp_path / "x" / "out", tmp_path / "x" / "state",
               stage=2, init_weights=tmp_path / "sit" / "out" / "model.safetensors", pairs_dir=tmp_path / "nowhere")
+
+
+def test_the_live_log_needs_no_git_history(tmp_path, monkeypatch):
+    """A fresh `git init` with no commit (DVCLive's own repository probe fails there) still gets
+    its live log, and a restart from checkpointed rows replaces what an interrupted run left."""
+    from dodlib.training_log import TrainingLog
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    row = lambda images, loss: {"images": images, "step": images // 64, "loss": loss, "lr": 0.1,  # noqa: E731
+                                "images_per_sec": 5.0}
+    log = TrainingLog([], tmp_path / "live")
+    for images, loss in ((64, 1.0), (128, 0.5), (192, 0.4)):
+        log.append(row(images, loss))
+    TrainingLog([row(64, 1.0)], tmp_path / "live").append(row(128, 0.5))  # resumed from the 64 checkpoint
+    assert _live_series(tmp_path, "loss") == [(64, 1.0), (128, 0.5)]
+    with pytest.raises(ValueError, match="without lr"):
+        log.append({"images": 1, "step": 1, "loss": 1.0, "images_per_sec": 1.0})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress as _reporter
 
 from .detectors import Detector
 from .inception_score import InceptionScoreAccumulator
@@ -70,7 +70,7 @@ class Reservoir:
 def _progress(it, desc, progress, total=None):
     if total is None and hasattr(it, "__len__"):
         total = len(it)
-    return tqdm(it, desc=desc, total=total, disable=not progress, unit="batch", dynamic_ncols=True)
+    return _reporter(it, desc=desc, total=total, enabled=progress, unit="batch")
 
 
 # ---- reference --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from ..progress import progress as _reporter
 
 from ..io import atomic_path
 
@@ -188,7 +188,8 @@ def train_feature_net(
         t0 = time.perf_counter()
         order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"feature net epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = _reporter(range(steps_per_epoch), desc=f"feature net epoch {epoch + 1}/{epochs}", unit="step",
+                        enabled=progress, leave=False)
         for step in bar:
             idx = np.sort(order[step * batch_size : (step + 1) * batch_size])  # sorted: friendlier to memmaps
             x = _uint8_hwc_to_float_nchw(images[idx]).to(device)

@@ -96,3 +96,31 @@ rule evaluate_snapshots:
         "logs/{exp}/evaluate_snapshots.log",
     shell:
         "{params.cmd}{params.overlays} > {log} 2>&1"
+
+
+# ADM-format .npz of a stage's samples (OpenAI's evaluator). In `all` only with eval.export_npz;
+# `snakemake --cores 2 export_samples` exports every stage of every experiment in any case.
+for _k in range(1, MAX_STAGES + 1):
+
+    rule:
+        name:
+            f"export_npz_stage{_k}"
+        input:
+            lambda wc, k=_k: P.export_stage(wc.exp, k).deps + P.export_stage(wc.exp, k).code,
+        output:
+            P.export_path("{exp}", _k),
+        params:
+            cmd=lambda wc, k=_k: P.export_stage(wc.exp, k).cmd,
+            overlays=OVERLAYS,
+        threads: THREADS
+        conda:
+            DOD_ENV
+        log:
+            f"logs/{{exp}}/export_npz_stage{_k}.log",
+        shell:
+            "{params.cmd}{params.overlays} > {log} 2>&1"
+
+
+rule export_samples:
+    input:
+        [P.export_path(n, k) for n, e in PARAMS.experiments.items() for k in range(1, e.stages.count + 1)],
