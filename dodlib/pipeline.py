@@ -314,7 +314,6 @@ def stages(params: Params) -> list[StageInstance]:
                 outs=[metrics_path(name, k)], markers=[metrics_path(name, k)],
                 code=_code("metrics/evaluate", "metrics/prdc", "metrics/inception_score", "evaluation"),
                 params=_params(raw, ["eval.batch_size", "eval.pr_k"]), wildcards={"exp": name},
-                metrics=[metrics_path(name, k)],
             ))
             if params.base.eval.export_npz:
                 out.append(export_stage(name, k))
@@ -351,9 +350,27 @@ def stages(params: Params) -> list[StageInstance]:
         + [report_manifest_path(params)],
         markers=[report_manifest_path(params), f"{results}/README.md"] + [f"{results}/{f}" for f in report_figures(params)],
         code=_code("report"), params=_params(raw, ["report", "experiments"]),
-        metrics=[f"{results}/metrics.json"], plots=[f"{results}/plots/metric_per_stage.csv"], cache=False,
+        metrics=[f"{results}/metrics.json"], plots=[f"{results}/{metric_plot_file(n)}" for n in main_experiments(params)],
+        cache=False,
     ))
     return out
+
+
+def main_experiments(params: Params) -> list[str]:
+    """The main comparison: `report.main_table` in its order, else every experiment of group "main"."""
+    listed = params.base.report.main_table
+    if listed:
+        unknown = [n for n in listed if n not in params.experiments]
+        if unknown:
+            raise ValueError(f"report.main_table: no experiment named {', '.join(map(repr, unknown))}")
+        return list(listed)
+    return [n for n, e in params.experiments.items() if e.group == "main"]
+
+
+def metric_plot_file(exp: str) -> str:
+    """The report's per-stage metric of one main experiment, relative to its results set. One file
+    each: `dvc plots` draws a line per file, so experiments stay apart."""
+    return f"plots/metric_per_stage/{exp}.csv"
 
 
 def export_stage(exp: str, stage: int) -> StageInstance:
@@ -453,8 +470,13 @@ def dvc_yaml(params: Params, overlays: list[str] = ()) -> str:
         if s.metrics:
             entry["metrics"] = [declare(m) for m in s.metrics]
         doc["stages"][s.name] = entry
+    # One definition per figure, a file per line in it (DVC colours lines by file and revision).
+    train_logs = [plot for s in jobs if s.rule.startswith("train_stage") for plot in s.plots]
+    metric_files = [plot for s in jobs if s.rule == "report" for plot in s.plots]
     doc["plots"] = [
-        {plot: {"x": "images", "y": "loss", "title": f"training loss: {s.name.removeprefix('train_')}"}}
-        for s in jobs if s.rule.startswith("train_stage") for plot in s.plots
-    ] + [{f"{results_dir(params)}/plots/metric_per_stage.csv": {"x": "stage", "y": "value", "title": "metric per stage"}}]
+        {"training_loss": {"x": "images", "y": {path: "loss" for path in train_logs},
+                           "title": "training loss (one line per training run)"}},
+        {"metric_per_stage": {"x": "stage", "y": {path: "metric" for path in metric_files},
+                              "title": "metric per stage (main experiments, lower is better)"}},
+    ]
     return header + yaml.safe_dump(doc, sort_keys=False, width=120)

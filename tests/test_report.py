@@ -192,14 +192,20 @@ def test_group_tables(built):
     assert probe["top1"].tolist() == [0.81]
 
 
-def test_metrics_json_and_plot_data(built):
+def test_metrics_json_and_plot_data(built, params):
+    # DVC's metrics: the headline metric per experiment and stage, nothing else (no settings, no
+    # counts: those are params or in the tables).
     metrics = json.loads((built["results"] / "metrics.json").read_text())
-    assert metrics["dod/stage2/FD_mnist"] == 15.0
-    assert metrics["dod_seed1/stage3/sampling_gflops_per_image"] == pytest.approx(12.6)
-    assert "sit/stage1/IS" not in metrics
-    plot = pd.read_csv(built["results"] / "plots" / "metric_per_stage.csv")
-    assert set(plot.columns) >= {"experiment", "label", "stage", "metric_name", "value"}
-    assert len(plot) == 7 and plot.loc[plot["experiment"] == "sit", "value"].item() == 17.0
+    assert metrics["dod"] == {"stage1": {"FD_mnist": 20.0}, "stage2": {"FD_mnist": 15.0}, "stage3": {"FD_mnist": 14.5}}
+    assert set(metrics) == set(params.experiments) and metrics["sit"] == {"stage1": {"FD_mnist": 17.0}}
+    # dvc plots: one file per main experiment, so each is its own line
+    main = ["dod", "sit", "dod_seed1"]
+    files = sorted((built["results"] / "plots" / "metric_per_stage").glob("*.csv"))
+    assert [f.stem for f in files] == sorted(main)
+    dod = pd.read_csv(built["results"] / P.metric_plot_file("dod"))
+    assert list(dod.columns) == ["stage", "metric", "metric_name"]
+    assert dod["stage"].tolist() == [1, 2, 3] and dod["metric"].tolist() == FD["dod"]
+    assert set(dod["metric_name"]) == {"FD_mnist"}
 
 
 def test_readme_index(built, params):

@@ -176,23 +176,28 @@ def test_dvc_metrics_and_plots_read_the_pipelines_outputs(finished, tmp_path):
     run([*git, "add", "-A"], ws)
     run([*git, "commit", "-q", "-m", "finished smoke run"], ws)
 
+    # One metrics file, the headline metric per experiment and stage: no settings, no duplicates
+    # (the per-stage evaluation records are outputs, not DVC metrics).
     values = dvc_json("metrics", "show")[""]["data"]
-    assert values["artifacts/exp/dod/metrics/stage2.json"]["data"]["num_samples"] > 0
-    assert "dod/stage2/precision" in values["results/smoke/metrics.json"]["data"]
+    assert list(values) == ["results/smoke/metrics.json"], list(values)
+    headline = values["results/smoke/metrics.json"]["data"]
+    assert set(headline["dod"]) == {"stage1", "stage2", "stage3"} and list(headline["dod"]["stage2"]) == ["FD_mnist"]
 
-    set_param("eval.pr_k", 1)(ws)
+    set_param("stages.overrides.2.cfg", {"scale": 2.0})(ws)
     dvc_reruns(ws)
     diff = dvc_json("metrics", "diff")
-    pr_keys = {"precision", "recall"}
-    stage2 = diff["artifacts/exp/dod/metrics/stage2.json"]
-    assert set(stage2) - {"pr_k"} <= pr_keys and set(stage2) & pr_keys, sorted(stage2)
-    assert all(key.rsplit("/", 1)[1] in pr_keys for key in diff["results/smoke/metrics.json"])
+    # stage 2's guidance moves stage 2 and the stage built on it, nothing else
+    assert set(diff) == {"results/smoke/metrics.json"}
+    assert set(diff["results/smoke/metrics.json"]) == {"dod.stage2.FD_mnist", "dod.stage3.FD_mnist"}, diff
 
     plots = tmp_path / "plots"
     run(["dvc", "plots", "show", "-o", str(plots)], ws)
     html = (plots / "index.html").read_text()
-    for title in ("training loss: stage1-dod", "metric per stage"):
+    for title in ("training loss (one line per training run)", "metric per stage"):
         assert title in html, title
+    # one line per experiment: each main experiment's file is in the plot
+    for name in ("dod", "sit"):
+        assert f"results/smoke/plots/metric_per_stage/{name}.csv" in html, name
 
 
 def test_snakemake_config_values_are_validated_and_rerun_what_a_params_edit_would(finished, tmp_path):

@@ -6,7 +6,8 @@ before anything is written), then writes:
 - tables/<name>.{md,csv,tex}: main, main_seeds, one per other experiment group (+ <group>_seeds
   when a group holds seeds), linear_probe when probe.json files exist;
 - exactly the figures of `pipeline.report_figures(params)`, each as PNG and PDF;
-- metrics.json (flat, for `dvc metrics show`) and plots/metric_per_stage.csv (for `dvc plots`);
+- metrics.json (the headline metric per experiment and stage: `dvc metrics show`, `dvc exp show`)
+  and plots/metric_per_stage/<experiment>.csv (`dvc plots`);
 - README.md: the index, with the generated findings, every experiment's overrides and the
   provenance that decided the bytes (no date, commit or machine: the same inputs give the same
   bytes, so a fresh clone that reruns the pipeline leaves `git status` clean);
@@ -58,14 +59,15 @@ def build_report(params: Params, results_dir: str | Path, artifacts_root: str | 
     for name, _ in figures:
         written += [results_dir / name, (results_dir / name).with_suffix(".pdf")]
     written.append(write_metrics_json(data, results_dir / "metrics.json"))
-    written.append(write_plot_data(data, results_dir / "plots" / "metric_per_stage.csv"))
+    plot_files = write_plot_data(data, results_dir)
+    written += plot_files
     _remove_stale(results_dir, written)
 
     records = stage_records(params, root)
     text = readme(
         params, tables, figures, findings(data.rows(data.main_experiments)) + group_findings(data.metrics), metric_phrase(data),
         readme_section(records, str(provenance or "artifacts/report/<set>/provenance.json")),
-        extra_files=["metrics.json", "plots/metric_per_stage.csv"],
+        extra_files=["metrics.json"] + [p.relative_to(results_dir).as_posix() for p in plot_files],
     )
     path = write_readme(results_dir / "README.md", text)
     if provenance is not None:

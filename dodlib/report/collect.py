@@ -52,7 +52,7 @@ class ReportData:
 
     @property
     def main_experiments(self) -> list[str]:
-        return main_experiments(self.params)
+        return P.main_experiments(self.params)
 
     def rows(self, experiments: list[str]) -> pd.DataFrame:
         """Metric rows of `experiments`, in that order, stages ascending."""
@@ -60,17 +60,6 @@ class ReportData:
         df = self.metrics[self.metrics["experiment"].isin(order)].copy()
         df["_order"] = df["experiment"].map(order)
         return df.sort_values(["_order", "stage"], kind="stable").drop(columns="_order").reset_index(drop=True)
-
-
-def main_experiments(params: Params) -> list[str]:
-    """The main comparison: `report.main_table` in its order, else every experiment of group "main"."""
-    listed = params.base.report.main_table
-    if listed:
-        unknown = [n for n in listed if n not in params.experiments]
-        if unknown:
-            raise ValueError(f"report.main_table: no experiment named {', '.join(map(repr, unknown))}")
-        return list(listed)
-    return [n for n, e in params.experiments.items() if e.group == "main"]
 
 
 def groups(params: Params) -> list[str]:

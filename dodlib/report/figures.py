@@ -21,8 +21,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import EngFormatter  # noqa: E402
+from matplotlib.ticker import EngFormatter, FuncFormatter, NullLocator  # noqa: E402
 
+from .. import pipeline as P  # noqa: E402
 from ..io import atomic_path  # noqa: E402
 from .collect import ReportData  # noqa: E402
 from .grids import samples_figure  # noqa: E402
@@ -100,6 +101,20 @@ def _images_axis(ax) -> None:
     """Training-image counts as 64k / 1.3M rather than 64000 / 1300000."""
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.set_xlabel("training images seen")
+
+
+def _plain(value: float, _pos=None) -> str:
+    """Log-axis tick labels as 0.5 / 2 / 10, not 5×10⁻¹."""
+    return f"{value:g}"
+
+
+def _minor_log_labels(ax) -> FuncFormatter:
+    """Minor log ticks: every one labelled on an axis under a decade long, else only 2× and 5×."""
+    def label(value: float, _pos=None) -> str:
+        low, high = ax.get_ylim()
+        leading = round(value / 10 ** np.floor(np.log10(value))) if value > 0 else 0
+        return f"{value:g}" if value > 0 and (high / low < 10 or leading in (2, 5)) else ""
+    return FuncFormatter(label)
 
 
 def _palette(labels: list[str]) -> dict[str, tuple]:
@@ -188,23 +203,56 @@ def training_loss(data: ReportData, stem: str) -> tuple[Figure, str]:
     df = data.train_logs.dropna(subset=["loss"])
     if df.empty:
         return _no_data("training loss", "no training logs"), "Training loss: no data."
-    experiments = list(dict.fromkeys(df["experiment"]))
-    palette = _palette(experiments)
-    fig, (ax,) = _subplots(1)
-    for name, g in df.groupby("experiment", sort=False):
-        g = g.sort_values("images")
-        # Raw per-log-line losses are noisy: faint raw curve plus a centred running mean.
-        window = max(1, len(g) // 20)
-        ax.plot(g["images"], g["loss"], color=palette[name], alpha=0.25, lw=0.8)
-        ax.plot(g["images"], g["loss"].rolling(window, center=True, min_periods=1).mean(),
-                color=palette[name], lw=1.6, label=name)
-    _images_axis(ax)
-    ax.set_ylabel("training loss (velocity MSE)")
-    ax.set_title("Training loss per training experiment")
-    ax.legend(title="experiment", fontsize="small")
-    caption = ("Training loss against training images for every experiment that trains its own weights "
-               "(faint: logged values; solid: running mean).")
+    group_of = {name: exp.group for name, exp in data.params.experiments.items()}
+    df = df.assign(group=df["experiment"].map(group_of))
+    groups = list(dict.fromkeys(["main"] * ("main" in set(df["group"])) + list(df["group"])))
+    # Small multiples: one panel per group with its few runs in distinct colours, and the main
+    # comparison's runs in grey behind every other panel as the common reference.
+    fig, axes = _grid(len(groups))
+    reference = df[df["group"] == "main"]
+    for ax, group in zip(axes, groups):
+        if group != "main":
+            for _, g in reference.groupby("experiment", sort=False):
+                ax.plot(*_smoothed(g), color="0.6", lw=1.0, ls="--", zorder=1)
+        runs = df[df["group"] == group]
+        palette = _palette(list(dict.fromkeys(runs["experiment"])))
+        for name, g in runs.groupby("experiment", sort=False):
+            g = g.sort_values("images")
+            ax.plot(g["images"], g["loss"], color=palette[name], alpha=0.2, lw=0.8, zorder=2)
+            ax.plot(*_smoothed(g), color=palette[name], lw=1.8, label=name, zorder=3)
+        if group != "main" and len(reference):
+            ax.plot([], [], color="0.6", lw=1.0, ls="--", label="main (reference)")
+        _images_axis(ax)
+        ax.set_title(f"group {group}")
+        ax.legend(fontsize="x-small", loc="upper right", framealpha=0.9)
+    for ax in axes[::_grid_columns(len(groups))]:
+        ax.set_ylabel("training loss (velocity MSE)")
+    caption = ("Training loss against training images, one panel per experiment group, for every experiment that "
+               "trains its own weights (faint: logged values; solid: centred running mean; dashed grey: the main "
+               "comparison's runs, repeated in each panel as the reference).")
     return fig, caption
+
+
+def _smoothed(g: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(images, loss) with a centred running mean over about an eighth of the run's log rows."""
+    g = g.sort_values("images")
+    window = max(3, len(g) // 8)
+    return g["images"], g["loss"].rolling(window, center=True, min_periods=1).mean()
+
+
+def _grid_columns(n: int) -> int:
+    return min(3, n)
+
+
+def _grid(n: int) -> tuple[Figure, list]:
+    """n panels in rows of up to three, sharing the loss axis; unused cells are hidden."""
+    cols = _grid_columns(n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(4.6 * cols, 3.4 * rows), dpi=DPI, layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False, sharey=True).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
 
 
 @register("samples_", prefix=True)
@@ -262,14 +310,28 @@ def training_efficiency(data: ReportData, stem: str) -> tuple[Figure, str]:
     snaps["series"] = [lab if np.isnan(s) else f"{lab}, stage {int(s)}" for lab, s in zip(snaps["label"], snaps["stage"])]
     fig, axes = _line_panels(data, snaps, x="train_images", y="value", versus="training images", marker="o")
     for ax in axes:
+        # Early snapshots are an order of magnitude worse: on a linear axis they flatten the rest.
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(_plain))
+        ax.yaxis.set_minor_formatter(_minor_log_labels(ax))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(snaps["train_images"].unique()))  # the snapshots themselves, e.g. 32k 64k 96k
+        ax.xaxis.set_minor_locator(NullLocator())
         _images_axis(ax)
     caption = ("Training efficiency: metric of EMA snapshots against training images for the main experiments "
                "(DoD and the SiT baseline), mean ± std over seeds.")
     return fig, caption
 
 
-def write_plot_data(data: ReportData, path: Path) -> Path:
-    """results/plots/metric_per_stage.csv: the numbers behind Fig. 3 (right), for `dvc plots`."""
-    with atomic_path(path) as tmp:
-        metric_per_stage_data(data).to_csv(tmp, index=False)
-    return path
+def write_plot_data(data: ReportData, results_dir: Path) -> list[Path]:
+    """The numbers behind Fig. 3 (right) for `dvc plots`: one CSV per main experiment (stage,
+    metric, metric_name), at the paths dvc.yaml's plot definition names."""
+    df = metric_per_stage_data(data)
+    written = []
+    for name in data.main_experiments:
+        path = results_dir / P.metric_plot_file(name)
+        rows = df.loc[df["experiment"] == name, ["stage", "value", "metric_name"]].rename(columns={"value": "metric"})
+        with atomic_path(path) as tmp:
+            rows.to_csv(tmp, index=False)
+        written.append(path)
+    return written

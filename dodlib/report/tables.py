@@ -300,18 +300,17 @@ def metric_phrase(data: ReportData) -> str:
 # ---- DVC metrics -------------------------------------------------------------------------------
 
 
-def flat_metrics(data: ReportData) -> dict:
-    """{"<exp>/stage<k>/<metric>": value} over every number of every metrics JSON (`dvc metrics show`)."""
-    skip = {"stage", "stages_count", "lem_enabled", "metric"}
-    out = {}
+def headline_metrics(data: ReportData) -> dict:
+    """{experiment: {"stage<k>": {<Fréchet metric>: value}}}: what DVC shows (`dvc metrics show`,
+    `dvc exp show`, one column per experiment and stage). Only the headline metric: every other
+    number is in tables/, and sampling or training settings are params, not metrics."""
+    out: dict = {}
     for _, row in data.metrics.iterrows():
-        for key, value in row.items():
-            if key in skip or isinstance(value, (str, bool, np.bool_)) or _missing(value):
-                continue
-            out[f"{row['experiment']}/stage{row['stage']}/{key}"] = float(value)
+        if not _missing(row["metric"]):
+            out.setdefault(row["experiment"], {})[f"stage{row['stage']}"] = {row["metric_name"]: float(row["metric"])}
     return out
 
 
 def write_metrics_json(data: ReportData, path: Path) -> Path:
-    save_json(path, flat_metrics(data))
+    save_json(path, headline_metrics(data))
     return path
