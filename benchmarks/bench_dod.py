@@ -49,9 +49,10 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from dodlib.config import CFGConfig, ExperimentConfig, load_params, parse_params  # noqa: E402
 from dodlib.models.sizes import SIZES  # noqa: E402
-from dodlib.sample import _velocity_fn, fixed_shape, sample_seed  # noqa: E402
-from dodlib.samplers import SamplerSpec, run_sampler  # noqa: E402
-from dodlib.train import PriorConditionedLoss, SelfPriors, build_model, make_batch, model_spec  # noqa: E402
+from dodlib.sample import sample_batch, sample_seed  # noqa: E402
+from dodlib.samplers import SamplerSpec  # noqa: E402
+from dodlib.train import SelfPriors, build_model, model_spec  # noqa: E402
+from dodlib.train_step import PriorConditionedLoss, make_batch, train_step  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,18 +160,19 @@ def bench_matmul(n: int, repeats: int, device: torch.device) -> dict:
 
 
 def bench_train(exp: ExperimentConfig, latent_shape, num_classes: int, warmup: int, steps: int,
-                device: torch.device) -> dict:
-    """Images/s of the training step of `dodlib.train.train` (fp32, one process)."""
+                accelerator) -> dict:
+    """Images/s of `dodlib.train_step.train_step`, the step `dodlib.train.train` runs (one process)."""
     cfg = exp.train
+    device = accelerator.device
     spec = model_spec(exp, latent_shape, num_classes)
     use_prior = spec["lem"] is not None
     torch.manual_seed(cfg.seed)
     model = build_model(spec).to(device).train()
     ema = build_model(spec).requires_grad_(False).to(device)
     ema.load_state_dict(model.state_dict())
-    wrapped = PriorConditionedLoss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=tuple(cfg.betas))
+    wrapped, optimizer = accelerator.prepare(PriorConditionedLoss(model), optimizer)
     latents = SyntheticLatents(latent_shape, num_classes)
     # A few distinct batches, made before timing (the synthetic data path is not what we measure).
     data = SelfPriors(latents)  # stage-1 training: the LEM sees each clean latent
@@ -178,17 +180,7 @@ def bench_train(exp: ExperimentConfig, latent_shape, num_classes: int, warmup: i
                for s in range(min(4, warmup + steps))]
 
     def one_step(i: int) -> None:
-        b = batches[i % len(batches)]
-        loss = wrapped(b.x_t.to(device), b.t.to(device), b.y.to(device), b.target.to(device),
-                       b.prior_latent.to(device), None if b.prior_keep is None else b.prior_keep.to(device)).mean()
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p.detach().float(), 1 - cfg.ema_decay)
+        train_step(accelerator, wrapped, model, ema, optimizer, cfg, batches[i % len(batches)], i)
 
     for i in range(warmup):
         one_step(i)
@@ -212,6 +204,7 @@ def bench_train(exp: ExperimentConfig, latent_shape, num_classes: int, warmup: i
         "params": model.num_params("total"),
     }
     del model, ema, optimizer, wrapped, batches
+    accelerator.free_memory()
     gc.collect()
     return out
 
@@ -223,27 +216,17 @@ def bench_train(exp: ExperimentConfig, latent_shape, num_classes: int, warmup: i
 
 def sample_once(model, exp: ExperimentConfig, stage: int, rows: int, spec: SamplerSpec, cfg: CFGConfig,
                 prior_latents: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, float, float]:
-    """One batch of `sample_stage`'s inner loop (without decoding); returns (x, seconds, lem seconds)."""
-    micro = exp.sample.micro_batch
+    """One batch of `sample_stage` (`dodlib.sample.sample_batch`, without decoding); returns
+    (x, seconds, lem seconds)."""
     num_classes = model.config["num_classes"]
-    shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
     index = np.arange(rows)
     sync(device)
     t0 = time.perf_counter()
-    gens = [torch.Generator().manual_seed(sample_seed(exp.sample.seed, int(i), stage)) for i in index]
+    seeds = [sample_seed(exp.sample.seed, int(i), stage) for i in index]
     labels = torch.from_numpy(index % num_classes).long()
-    x0 = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-    lem_seconds = 0.0
     with torch.inference_mode():
-        prior_emb = None
-        if prior_latents is not None:
-            tl = time.perf_counter()
-            prior_emb = fixed_shape(model.encode_prior, micro)(prior_latents.to(device))
-            sync(device)
-            lem_seconds = time.perf_counter() - tl
-        velocity_fn = _velocity_fn(fixed_shape(model, micro), labels.to(device), prior_emb, cfg, num_classes)
-        noise_fn = lambda step: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # noqa: E731
-        x, _nfe = run_sampler(spec, velocity_fn, x0, noise_fn)
+        x, _nfe, lem_seconds = sample_batch(model, spec, cfg, seeds, labels, micro_batch=exp.sample.micro_batch,
+                                            device=device, priors=prior_latents)
     sync(device)
     return x, time.perf_counter() - t0, lem_seconds
 
@@ -300,7 +283,8 @@ def bench_sample(exp: ExperimentConfig, latent_shape, num_classes: int, rows: in
 # --------------------------------------------------------------------------------------------
 
 
-def bench_size(size: str, base: ExperimentConfig, args, device: torch.device) -> dict:
+def bench_size(size: str, base: ExperimentConfig, args, accelerator) -> dict:
+    device = accelerator.device
     exp = dataclasses.replace(
         base,
         model=dataclasses.replace(base.model, size=size),
@@ -319,10 +303,10 @@ def bench_size(size: str, base: ExperimentConfig, args, device: torch.device) ->
     del probe
 
     log(f"{size}: training, LEM on (batch {args.batch}, {args.train_steps} steps after {args.train_warmup})")
-    res["train_dod"] = bench_train(exp, latent, args.classes, args.train_warmup, args.train_steps, device)
+    res["train_dod"] = bench_train(exp, latent, args.classes, args.train_warmup, args.train_steps, accelerator)
     log(f"  {res['train_dod']['images_per_sec']:.1f} img/s")
     log(f"{size}: training, LEM off (plain SiT)")
-    res["train_sit"] = bench_train(sit, latent, args.classes, args.train_warmup, args.train_steps, device)
+    res["train_sit"] = bench_train(sit, latent, args.classes, args.train_warmup, args.train_steps, accelerator)
     log(f"  {res['train_sit']['images_per_sec']:.1f} img/s")
     res["rss_after_train_mb"] = peak_rss_mb()
 
@@ -430,7 +414,11 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from accelerate import Accelerator
+
     device = torch.device(args.device)
+    # The training step runs under accelerate as in `dodlib.train.train` (one process here).
+    accelerator = Accelerator(cpu=device.type == "cpu")
     base = base_experiment(args.params)
     args.batch = args.batch or base.train.batch_size
     patch = base.model.patch_size
@@ -466,7 +454,7 @@ def main(argv=None) -> int:
     log(f"  {meta['matmul']['gflops_peak']:.1f} GFLOP/s")
 
     t_start = time.perf_counter()
-    results = [bench_size(size, base, args, device) for size in args.size]
+    results = [bench_size(size, base, args, accelerator) for size in args.size]
     meta["seconds"] = time.perf_counter() - t_start
     # Measured again at the end: a changed peak means the machine's load changed during the run.
     meta["matmul_end"] = bench_matmul(args.matmul_n, args.matmul_repeats, device)

@@ -167,7 +167,7 @@ class StageInstance:
 # Modules whose source shapes a stage's results. Besides being the stages' code dependencies, the
 # two with resumable state fold a digest of them into their state key: after a code edit a rerun
 # starts over instead of resuming (or reusing) checkpoints and shards made by the old code.
-TRAIN_CODE = ("train", "training_log", "transport", "models")
+TRAIN_CODE = ("train", "train_step", "training_log", "transport", "models")
 SAMPLE_CODE = ("sample", "samplers", "guidance", "priors")
 
 

@@ -89,14 +89,15 @@ def sample_stage(
         inputs.priors, inputs.labels = prior.load("latents")[:n], prior.load("labels")[:n]
     elif isinstance(prior, RealPriors):
         inputs.priors, inputs.labels = prior.take(n)
-    meta = _run(exp, stage, weights, out_dir, state_root, inputs, n, tokenizer=tokenizer,
-                prior_key=None if prior is None else prior.meta.get("fingerprint"), batch_size=batch_size,
-                device=device, stop_after_shards=stop_after_shards, seed_kind="sample")
-    if meta is not None:
-        meta["prior_source"] = None if prior is None else ("real" if isinstance(prior, RealPriors) else "generated")
-        _finish(Path(out_dir), meta, against=inputs.priors, labels=inputs.labels,
-                runtime_record=provenance(exp.runtime, "no"))
-    return meta
+    run = _run(exp, stage, weights, out_dir, state_root, inputs, n, tokenizer=tokenizer,
+               prior_key=None if prior is None else prior.meta.get("fingerprint"), batch_size=batch_size,
+               device=device, stop_after_shards=stop_after_shards, seed_kind="sample")
+    if run is None:
+        return None
+    run.meta["prior_source"] = None if prior is None else ("real" if isinstance(prior, RealPriors) else "generated")
+    _finish(Path(out_dir), run, against=inputs.priors, labels=inputs.labels,
+            runtime_record=provenance(exp.runtime, "no"))
+    return run.meta
 
 
 def pair_priors(
@@ -130,22 +131,33 @@ def pair_priors(
         if len(previous) < n or not np.array_equal(previous.load("index")[:n], index):
             raise ValueError(f"{previous.dir}: its pairs do not cover the first {n} training latents of stage {stage}'s")
         inputs.priors = previous.load("latents")[:n]
-    meta = _run(exp, source, weights, out_dir, state_root, inputs, n, tokenizer=None,
-                prior_key=[real.meta["fingerprint"], None if previous is None else previous.meta["fingerprint"]],
-                batch_size=batch_size, device=device, stop_after_shards=stop_after_shards,
-                seed_kind=f"pairs{stage}", seed=ft.seed, extra_files={"index": index})
-    if meta is not None:
-        meta.update(purpose=f"fine-tuning pairs of stage {stage}", t0=ft.t0, regenerated_by_stage=source,
+    run = _run(exp, source, weights, out_dir, state_root, inputs, n, tokenizer=None,
+               prior_key=[real.meta["fingerprint"], None if previous is None else previous.meta["fingerprint"]],
+               batch_size=batch_size, device=device, stop_after_shards=stop_after_shards,
+               seed_kind=f"pairs{stage}", seed=ft.seed, extra_files={"index": index})
+    if run is None:
+        return None
+    run.meta.update(purpose=f"fine-tuning pairs of stage {stage}", t0=ft.t0, regenerated_by_stage=source,
                     prior_source=None if previous is None else "pairs")
-        _finish(Path(out_dir), meta, against=starts, labels=labels, name="msd_to_clean",
-                runtime_record=provenance(exp.runtime, "no"))
-    return meta
+    _finish(Path(out_dir), run, against=starts, labels=labels, name="msd_to_clean",
+            runtime_record=provenance(exp.runtime, "no"))
+    return run.meta
+
+
+@dataclasses.dataclass
+class SamplingRun:
+    """What `_run` hands back on the main process: the cache's meta.json (reproducible byte for
+    byte), the state directory its shards came from, and the wall-clock figures (kept apart)."""
+
+    meta: dict
+    state_dir: Path
+    timing: dict
 
 
 def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, tokenizer, prior_key, batch_size,
-         device, stop_after_shards, seed_kind, seed=None, extra_files=None) -> dict | None:
+         device, stop_after_shards, seed_kind, seed=None, extra_files=None) -> SamplingRun | None:
     """Sample n latents with stage `stage`'s sampler into shards under a state directory keyed by
-    everything that determines them; publish them to out_dir when all exist. Returns the meta
+    everything that determines them; publish them to out_dir when all exist. Returns the run
     (main process) or None (other processes)."""
     from accelerate import PartialState
 
@@ -193,26 +205,17 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
             index = np.arange(start, min(start + batch_size, hi))
             t0 = time.perf_counter()
             seeds = [sample_seed(seed, int(i), stage, seed_kind) for i in index]
-            gens = [torch.Generator().manual_seed(s) for s in seeds]
             if inputs.labels is not None:
                 labels = torch.from_numpy(inputs.labels[index]).long()
             else:
                 labels = torch.from_numpy(index % num_classes).long()  # class-balanced
-            x = torch.stack([torch.randn(latent_shape, generator=g) for g in gens])
-            if inputs.starts is not None:  # the interpolant at t_start: t x1 + (1 - t) noise
-                x = inputs.t_start * torch.from_numpy(inputs.starts[index]) + (1 - inputs.t_start) * x
             with torch.inference_mode():
-                prior_emb = None
-                if inputs.priors is not None:
-                    tl = time.perf_counter()
-                    prior_emb = fixed_shape(model.encode_prior, scfg.micro_batch)(
-                        torch.from_numpy(inputs.priors[index]).to(device))
-                    timing["lem_seconds"] += time.perf_counter() - tl
-                velocity_fn = _velocity_fn(fixed_shape(model, scfg.micro_batch), labels.to(device), prior_emb,
-                                           stage_cfg.cfg, num_classes)
-                noise_fn = lambda step: torch.stack(  # noqa: E731  per-sample SDE increments
-                    [torch.randn(latent_shape, generator=g) for g in gens]).to(device)
-                x, nfe = run_sampler(spec, velocity_fn, x.to(device), noise_fn, t_start=inputs.t_start)
+                x, nfe, lem_seconds = sample_batch(
+                    model, spec, stage_cfg.cfg, seeds, labels, micro_batch=scfg.micro_batch, device=device,
+                    priors=None if inputs.priors is None else torch.from_numpy(inputs.priors[index]),
+                    starts=None if inputs.starts is None else torch.from_numpy(inputs.starts[index]),
+                    t_start=inputs.t_start)
+                timing["lem_seconds"] += lem_seconds
                 finite = torch.isfinite(x.flatten(1)).all(dim=1).cpu()
                 if not bool(finite.all()):
                     bad = index[~finite.numpy()]
@@ -247,21 +250,22 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
         return None
     files = PRIOR_FILES + tuple(extra_files or ()) + (("images",) if tokenizer is not None else ())
     _publish(state_dir, Path(out_dir), num_shards, files)
-    return {
+    meta = {
         "experiment": exp.name, "stage": stage, "num_samples": n, "num_shards": num_shards,
         "shard_size": scfg.shard_size, "seed": seed, "fingerprint": key, "files": list(files),
         "nfe": spec.nfe, "cfg_doubles_batch": stage_cfg.cfg.scale != 1,
         "sampling": dataclasses.asdict(stage_cfg), "t_start": inputs.t_start,
         "latent_shape": list(latent_shape), "num_classes": num_classes,
         "flops_per_forward": model.flops_per_forward(1), "nfe_used": load_json(state_dir / "shard-00000.json")["nfe"],
-        "_state_dir": str(state_dir), "_timing": {**timing, "resumed_shards": done_before},
     }
+    return SamplingRun(meta, state_dir, {**timing, "resumed_shards": done_before})
 
 
-def _finish(out_dir: Path, meta: dict, *, against, labels, runtime_record: dict, name: str = "msd_to_prior") -> None:
+def _finish(out_dir: Path, run: SamplingRun, *, against, labels, runtime_record: dict,
+            name: str = "msd_to_prior") -> None:
     """The copying diagnostic against `against` (the priors, or the clean latents of pairs) under
     `name`, then meta.json (written last: it marks the cache complete)."""
-    state_dir, timing = Path(meta.pop("_state_dir")), meta.pop("_timing")
+    meta, state_dir, timing = run.meta, run.state_dir, run.timing
     if against is not None:
         to, within = _copy_diagnostics(out_dir, meta["num_shards"], against, labels)
         meta.update({name: to, "msd_within_class": within})
@@ -270,6 +274,32 @@ def _finish(out_dir: Path, meta: dict, *, against, labels, runtime_record: dict,
     save_json(out_dir / PROVENANCE_FILE, runtime_record)
     save_json(out_dir / "meta.json", meta)
     log.info("%s: %d samples (%s) from %s", out_dir, meta["num_samples"], ", ".join(meta["files"]), state_dir)
+
+
+def sample_batch(model, sampler: SamplerSpec, cfg, seeds, labels: torch.Tensor, *, micro_batch: int, device,
+                 priors: torch.Tensor | None = None, starts: torch.Tensor | None = None,
+                 t_start: float = 0.0) -> tuple[torch.Tensor, int, float]:
+    """One batch of samples: row i starts from the noise of its own generator (seeded by
+    `seeds[i]`, which also draws its SDE increments), conditioned on class `labels[i]` and, at a
+    stage k >= 2, on `priors[i]` (encoded by the LEM once); `starts` are clean latents noised to
+    `t_start` (the regeneration of paired priors). The network always sees `micro_batch` rows.
+    Call it under `torch.inference_mode()`. Returns (latents, NFE, seconds spent in the LEM)."""
+    shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    if starts is not None:  # the interpolant at t_start: t x1 + (1 - t) noise
+        x = t_start * starts + (1 - t_start) * x
+    prior_emb, lem_seconds = None, 0.0
+    if priors is not None:
+        tl = time.perf_counter()
+        prior_emb = fixed_shape(model.encode_prior, micro_batch)(priors.to(device))
+        lem_seconds = time.perf_counter() - tl
+    velocity_fn = _velocity_fn(fixed_shape(model, micro_batch), labels.to(device), prior_emb, cfg,
+                               model.config["num_classes"])
+    noise_fn = lambda step: torch.stack(  # noqa: E731  per-sample SDE increments
+        [torch.randn(shape, generator=g) for g in gens]).to(device)
+    x, nfe = run_sampler(sampler, velocity_fn, x.to(device), noise_fn, t_start=t_start)
+    return x, nfe, lem_seconds
 
 
 def fixed_shape(fn, rows: int):

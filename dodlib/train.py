@@ -27,12 +27,11 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .config import ExperimentConfig, TrainConfig, fingerprint
+from .config import ExperimentConfig, fingerprint
 from .io import atomic_path, file_digest, load_json, save_json
 from .pipeline import TRAIN_CODE, code_digest
 from .latents import LatentSet
@@ -41,7 +40,7 @@ from .progress import progress
 from .runtime import PROVENANCE_FILE, provenance
 from .models import DoDModel
 from .training_log import LIVE_DIR, TrainingLog
-from .transport import interpolate, sample_t
+from .train_step import NonFiniteStep, PriorConditionedLoss, make_batch, train_step
 
 log = logging.getLogger(__name__)
 
@@ -108,40 +107,9 @@ def load_weights(path: str | Path, device="cpu") -> DoDModel:
     return model.to(device).eval()
 
 
-class PriorConditionedLoss(nn.Module):
-    """Wraps the model so one forward computes the prior (LEM of the clean latent) and the
-    velocity; distributed wrappers then see every parameter used inside a single forward."""
-
-    def __init__(self, model: DoDModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x_t, t, y, target, prior_latent, prior_keep):
-        prior = self.model.encode_prior(prior_latent) if prior_keep is not None else None
-        v = self.model(x_t, t, y, prior_emb=prior, prior_keep=prior_keep)
-        return (v.float() - target).pow(2).mean(dim=(1, 2, 3))
-
-
 # --------------------------------------------------------------------------------------------
-# Deterministic per-step data and noise
+# Training data: the latent and the latent its prior comes from, per row
 # --------------------------------------------------------------------------------------------
-
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + step) * 7 + stream)
-    return g
-
-
-def batch_indices(seed: int, step: int, batch_size: int, dataset_size: int) -> np.ndarray:
-    """Indices of the global batch of `step`: consecutive slices of per-epoch permutations."""
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), dataset_size)
-        perm = np.random.default_rng([seed, epoch]).permutation(dataset_size)
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return np.asarray(out)
 
 
 class SelfPriors:
@@ -174,30 +142,6 @@ class PairedPriors:
     def draw(self, index, generator):
         x1, y = self.latents.draw(self.index[index], generator, flip=False)
         return x1, y, torch.from_numpy(self.priors[index])
-
-
-@dataclasses.dataclass
-class Batch:
-    x_t: torch.Tensor
-    t: torch.Tensor
-    y: torch.Tensor
-    target: torch.Tensor
-    prior_latent: torch.Tensor
-    prior_keep: torch.Tensor | None
-
-
-def make_batch(cfg: TrainConfig, prior_dropout: float, data: SelfPriors | PairedPriors, step: int, null_class: int,
-               use_prior: bool) -> Batch:
-    g = step_generator(cfg.seed, step)
-    idx = batch_indices(cfg.seed, step, cfg.batch_size, len(data))
-    x1, y, prior_latent = data.draw(idx, g)
-    x0 = torch.randn(x1.shape, generator=g)
-    t = sample_t(len(idx), g, kind=cfg.t_sampling, mean=cfg.t_mean, std=cfg.t_std)
-    x_t, target = interpolate(x0, x1, t)
-    drop_class = torch.rand(len(idx), generator=g) < cfg.class_dropout
-    y = torch.where(drop_class, torch.full_like(y, null_class), y)
-    prior_keep = (torch.rand(len(idx), generator=g) >= prior_dropout) if use_prior else None
-    return Batch(x_t, t, y, target, prior_latent, prior_keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,44 +296,25 @@ def train(
                        enabled=accelerator.is_main_process, desc=f"train {exp.name} stage {stage}", interval=None)
         while step < total_steps:
             b = make_batch(cfg, prior_dropout, data, step, spec["num_classes"], use_prior)
-            mine = slice(rank, None, world)  # this process's share of the global batch
-            lr = cfg.lr * min(1.0, (step + 1) * cfg.batch_size / cfg.warmup_images) if cfg.warmup_images else cfg.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with accelerator.autocast():
-                loss = wrapped(
-                    b.x_t[mine].to(device), b.t[mine].to(device), b.y[mine].to(device), b.target[mine].to(device),
-                    b.prior_latent[mine].to(device), None if b.prior_keep is None else b.prior_keep[mine].to(device),
-                ).mean()
-            accelerator.backward(loss)
-            # The gradient norm is the same on every process (gradients are all-reduced), so all of
-            # them stop together; max_norm=inf measures without changing a gradient.
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            loss_value, norm_value = float(loss.detach()), float(grad_norm)
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            mine = b.rows(slice(rank, None, world))  # this process's share of the global batch
+            try:
+                result = train_step(accelerator, wrapped, model, ema, optimizer, cfg, mine, step)
+            except NonFiniteStep as err:
                 raise NonFiniteTraining(
-                    f"experiments.{exp.name}: non-finite {what} at step {step + 1} ({step * cfg.batch_size} images "
-                    f"seen; loss {loss_value}, gradient norm {norm_value}); nothing was written to {out_dir}, and "
-                    f"the last good checkpoint stays the latest in {state_dir}. Lower train.lr, raise "
-                    "train.warmup_images or set train.grad_clip, then rerun")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                    f"experiments.{exp.name}: non-finite {err.what} at step {step + 1} ({step * cfg.batch_size} "
+                    f"images seen; loss {err.loss}, gradient norm {err.grad_norm}); nothing was written to "
+                    f"{out_dir}, and the last good checkpoint stays the latest in {state_dir}. Lower train.lr, "
+                    "raise train.warmup_images or set train.grad_clip, then rerun") from None
             step += 1
-            # EMA with a warm-up ramp (short runs would otherwise average in the random init).
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), accelerator.unwrap_model(wrapped).model.parameters()):
-                    e.lerp_(p.detach().float(), 1 - decay)
             bar.update(cfg.batch_size)
             window_images += cfg.batch_size
             if step % every(cfg.log_every) == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                row = {"images": step * cfg.batch_size, "step": step, "loss": float(accelerator.gather(loss.detach()).mean()),
-                       "lr": lr, "images_per_sec": window_images / max(elapsed, 1e-9)}
+                row = {"images": step * cfg.batch_size, "step": step, "loss": float(accelerator.gather(result.loss).mean()),
+                       "lr": result.lr, "images_per_sec": window_images / max(elapsed, 1e-9)}
                 if accelerator.is_main_process:
                     training_log.append(row)
-                bar.note(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", ips=f"{row['images_per_sec']:.0f}")
+                bar.note(loss=f"{row['loss']:.4f}", lr=f"{result.lr:.3g}", ips=f"{row['images_per_sec']:.0f}")
                 window_start, window_images = time.perf_counter(), 0
             if step in snapshot_steps and accelerator.is_main_process:
                 save_file(cpu_state(ema), str(_snapshot_path(state_dir, snapshot_steps[step])))

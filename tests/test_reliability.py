@@ -114,7 +114,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(pre
     def poisoned(cfg, prior_dropout, data, step, *args):
         batch = real_make_batch(cfg, prior_dropout, data, step, *args)
         if step == 11:  # mid-run, after the checkpoint at 256 images (step 8)
-            batch.x_t[0, 0, 0, 0] = math.nan
+            batch.x1[0, 0, 0, 0] = math.nan
         return batch
 
     monkeypatch.setattr(T, "make_batch", poisoned)

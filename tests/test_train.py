@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dodlib.train import Preempted, batch_indices, list_checkpoints, load_weights, train
+from dodlib.train import Preempted, list_checkpoints, load_weights, train
+from dodlib.train_step import batch_indices
 
 
 def _train(exp, prepared, tmp, name, **kw):
