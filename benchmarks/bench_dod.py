@@ -47,12 +47,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from dodlib.compute import allow_tf32, compile_network  # noqa: E402
 from dodlib.config import CFGConfig, ExperimentConfig, load_params, parse_params  # noqa: E402
 from dodlib.models.sizes import SIZES  # noqa: E402
 from dodlib.sample import sample_batch, sample_seed  # noqa: E402
 from dodlib.samplers import SamplerSpec  # noqa: E402
 from dodlib.train import SelfPriors, build_model, model_spec  # noqa: E402
-from dodlib.train_step import PriorConditionedLoss, make_batch, train_step  # noqa: E402
+from dodlib.train_step import PriorConditionedLoss, make_batch, make_optimizer, train_step  # noqa: E402
+
+
+# The network's precision and whether it is compiled (dodlib/compute.py), one table section each.
+VARIANTS = {"fp32": ("no", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,10 +108,10 @@ class SyntheticLatents:
     def __len__(self) -> int:
         return self.size
 
-    def draw(self, index, generator):
+    def draw(self, index, generator, rows=slice(None)):
         index = np.asarray(index)
-        x = torch.randn((len(index),) + self.latent_shape, generator=generator)
-        return x, torch.from_numpy(index % self.num_classes).long()
+        x = torch.randn((len(index),) + self.latent_shape, generator=generator)[rows]
+        return x, torch.from_numpy(index[rows] % self.num_classes).long()
 
 
 def parse_latent(text: str) -> tuple[int, int, int]:
@@ -131,11 +136,11 @@ def base_experiment(params: str | None) -> ExperimentConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def bench_matmul(n: int, repeats: int, device: torch.device) -> dict:
+def bench_matmul(n: int, repeats: int, device: torch.device, dtype=torch.float32) -> dict:
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device)
-    b = torch.randn(n, n, generator=g).to(device)
-    out = torch.empty(n, n, device=device)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(2):  # warm-up
         torch.mm(a, b, out=out)
     sync(device)
@@ -160,8 +165,9 @@ def bench_matmul(n: int, repeats: int, device: torch.device) -> dict:
 
 
 def bench_train(exp: ExperimentConfig, latent_shape, num_classes: int, warmup: int, steps: int,
-                accelerator) -> dict:
-    """Images/s of `dodlib.train_step.train_step`, the step `dodlib.train.train` runs (one process)."""
+                accelerator, precision: str = "no", compiled: bool = False) -> dict:
+    """Images/s of `dodlib.train_step.train_step`, the step `dodlib.train.train` runs (one process),
+    with the network in `precision` and optionally compiled."""
     cfg = exp.train
     device = accelerator.device
     spec = model_spec(exp, latent_shape, num_classes)
@@ -170,8 +176,8 @@ def bench_train(exp: ExperimentConfig, latent_shape, num_classes: int, warmup: i
     model = build_model(spec).to(device).train()
     ema = build_model(spec).requires_grad_(False).to(device)
     ema.load_state_dict(model.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=tuple(cfg.betas))
+    optimizer = make_optimizer(model, cfg, device)
+    compile_network(model, compiled)
     wrapped, optimizer = accelerator.prepare(PriorConditionedLoss(model), optimizer)
     latents = SyntheticLatents(latent_shape, num_classes)
     # A few distinct batches, made before timing (the synthetic data path is not what we measure).
@@ -180,7 +186,7 @@ def bench_train(exp: ExperimentConfig, latent_shape, num_classes: int, warmup: i
                for s in range(min(4, warmup + steps))]
 
     def one_step(i: int) -> None:
-        train_step(accelerator, wrapped, model, ema, optimizer, cfg, batches[i % len(batches)], i)
+        train_step(accelerator, wrapped, model, ema, optimizer, cfg, batches[i % len(batches)], i, precision)
 
     for i in range(warmup):
         one_step(i)
@@ -215,7 +221,8 @@ def bench_train(exp: ExperimentConfig, latent_shape, num_classes: int, warmup: i
 
 
 def sample_once(model, exp: ExperimentConfig, stage: int, rows: int, spec: SamplerSpec, cfg: CFGConfig,
-                prior_latents: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, float, float]:
+                prior_latents: torch.Tensor | None, device: torch.device,
+                precision: str = "no") -> tuple[torch.Tensor, float, float]:
     """One batch of `sample_stage` (`dodlib.sample.sample_batch`, without decoding); returns
     (x, seconds, lem seconds)."""
     num_classes = model.config["num_classes"]
@@ -226,32 +233,35 @@ def sample_once(model, exp: ExperimentConfig, stage: int, rows: int, spec: Sampl
     labels = torch.from_numpy(index % num_classes).long()
     with torch.inference_mode():
         x, _nfe, lem_seconds = sample_batch(model, spec, cfg, seeds, labels, micro_batch=exp.sample.micro_batch,
-                                            device=device, priors=prior_latents)
+                                            device=device, priors=prior_latents, precision=precision)
     sync(device)
     return x, time.perf_counter() - t0, lem_seconds
 
 
 def bench_sample(exp: ExperimentConfig, latent_shape, num_classes: int, rows: int, steps: int,
-                 cfg_scale: float, repeats: int, device: torch.device) -> dict:
+                 cfg_scale: float, repeats: int, device: torch.device, precision: str = "no",
+                 compiled: bool = False) -> dict:
     spec_m = model_spec(exp, latent_shape, num_classes)
     torch.manual_seed(exp.train.seed)
-    model = build_model(spec_m).to(device).eval()
+    model = compile_network(build_model(spec_m).to(device).eval(), compiled)
+    run = lambda *a: sample_once(model, exp, *a, device, precision)  # noqa: E731
     sampler = SamplerSpec(method="euler", num_steps=steps)
     flops = model.flops_per_forward(1)
     # Warm-up (allocator, kernels) with a short sampler: stage 1 and stage 2, CFG on and off.
     warm = SamplerSpec(method="euler", num_steps=2)
-    x1, _, _ = sample_once(model, exp, 1, rows, warm, CFGConfig(scale=cfg_scale), None, device)
-    sample_once(model, exp, 2, rows, warm, CFGConfig(scale=1.0), x1, device)
-    sample_once(model, exp, 1, rows, warm, CFGConfig(scale=1.0), None, device)
+    x1, _, _ = run(1, rows, warm, CFGConfig(scale=cfg_scale), None)
+    run(2, rows, warm, CFGConfig(scale=1.0), x1)
+    run(1, rows, warm, CFGConfig(scale=1.0), None)
 
-    out = {"rows": rows, "micro_batch": exp.sample.micro_batch, "steps": steps, "cfg_scale": cfg_scale}
+    out = {"rows": rows, "micro_batch": exp.sample.micro_batch, "steps": steps, "cfg_scale": cfg_scale,
+           "precision": precision, "compile": compiled}
     prior = None
     for stage in (1, 2):
         for scale in (1.0, cfg_scale):
             cfg = CFGConfig(scale=scale)
             runs = []
             for _ in range(repeats):
-                x, sec, lem_sec = sample_once(model, exp, stage, rows, sampler, cfg, prior, device)
+                x, sec, lem_sec = run(stage, rows, sampler, cfg, prior)
                 runs.append((sec, lem_sec))
             runs_seconds = [r[0] for r in runs]
             if stage == 1 and scale == 1.0:
@@ -302,19 +312,26 @@ def bench_size(size: str, base: ExperimentConfig, args, accelerator) -> dict:
     }
     del probe
 
-    log(f"{size}: training, LEM on (batch {args.batch}, {args.train_steps} steps after {args.train_warmup})")
-    res["train_dod"] = bench_train(exp, latent, args.classes, args.train_warmup, args.train_steps, accelerator)
-    log(f"  {res['train_dod']['images_per_sec']:.1f} img/s")
-    log(f"{size}: training, LEM off (plain SiT)")
-    res["train_sit"] = bench_train(sit, latent, args.classes, args.train_warmup, args.train_steps, accelerator)
-    log(f"  {res['train_sit']['images_per_sec']:.1f} img/s")
-    res["rss_after_train_mb"] = peak_rss_mb()
-
-    rows = args.sample_batch or exp.sample.micro_batch
-    log(f"{size}: sampling ({rows} images, Euler {args.steps} steps, CFG 1 and {args.cfg_scale})")
-    res["sample"] = bench_sample(exp, latent, args.classes, rows, args.steps, args.cfg_scale,
-                                 args.sample_repeats, device)
-    res["rss_after_sample_mb"] = peak_rss_mb()
+    res["variants"] = {}
+    for variant in args.variants:
+        precision, compiled = VARIANTS[variant]
+        v = res["variants"][variant] = {}
+        log(f"{size} [{variant}]: training, LEM on (batch {args.batch}, {args.train_steps} steps after "
+            f"{args.train_warmup})")
+        v["train_dod"] = bench_train(exp, latent, args.classes, args.train_warmup, args.train_steps, accelerator,
+                                     precision, compiled)
+        log(f"  {v['train_dod']['images_per_sec']:.1f} img/s")
+        log(f"{size} [{variant}]: training, LEM off (plain SiT)")
+        v["train_sit"] = bench_train(sit, latent, args.classes, args.train_warmup, args.train_steps, accelerator,
+                                     precision, compiled)
+        log(f"  {v['train_sit']['images_per_sec']:.1f} img/s")
+        v["rss_after_train_mb"] = peak_rss_mb()
+        rows = args.sample_batch or exp.sample.micro_batch
+        log(f"{size} [{variant}]: sampling ({rows} images, Euler {args.steps} steps, CFG 1 and {args.cfg_scale})")
+        v["sample"] = bench_sample(exp, latent, args.classes, rows, args.steps, args.cfg_scale,
+                                   args.sample_repeats, device, precision, compiled)
+        v["rss_after_sample_mb"] = peak_rss_mb()
+    res.update(res["variants"][args.variants[0]])  # the first variant's figures at the top level
     return res
 
 
@@ -338,33 +355,43 @@ def table(results: list[dict], meta: dict) -> str:
     row(f"matmul peak GFLOP/s (fp32 mm {meta['matmul']['n']}^2)", lambda r: _f(peak))
     row("  at start / at end", lambda r: f"{_f(meta['matmul']['gflops_peak'])} / "
         + (_f(meta["matmul_end"]["gflops_peak"]) if "matmul_end" in meta else "-"))
+    if "matmul_bf16" in meta:
+        row(f"matmul peak GFLOP/s (bf16 mm {meta['matmul_bf16']['n']}^2)",
+            lambda r: _f(meta["matmul_bf16"]["gflops_peak"]))
     row("peak RSS after matmul, MiB", lambda r: _f(meta["rss_after_matmul_mb"], 0))
     section("model")
     row("depth x width / tokens", lambda r: f"{r['model']['depth']}x{r['model']['width']} / {r['model']['tokens']}")
     row("params backbone / LEM, M", lambda r: f"{r['model']['params_backbone'] / 1e6:.2f} / {r['model']['params_lem'] / 1e6:.2f}")
     row("fwd MFLOP/img backbone / LEM",
         lambda r: f"{r['model']['flops_per_forward']['backbone'] / 1e6:.1f} / {r['model']['flops_per_forward']['lem'] / 1e6:.1f}")
-    section(f"training (batch {results[0]['train_dod']['batch']}, fwd+bwd+AdamW, fp32)")
-    for key, name in (("train_dod", "DoD (LEM prior)"), ("train_sit", "SiT (LEM off)")):
-        row(f"{name} img/s", lambda r, k=key: _f(r[k]["images_per_sec"]))
-        row(f"{name} ms/step", lambda r, k=key: _f(1e3 * r[k]["seconds_per_step"]))
-        row(f"{name} GFLOP/s (3 x fwd) / % peak",
-            lambda r, k=key: f"{_f(r[k]['gflops'])} / {100 * r[k]['gflops'] / peak:.1f}%")
-    row("LEM training overhead (time)",
-        lambda r: f"+{100 * (r['train_sit']['images_per_sec'] / r['train_dod']['images_per_sec'] - 1):.1f}%")
-    row("LEM training overhead (FLOPs)",
+    for variant in meta["variants"]:
+        precision, _ = VARIANTS[variant]
+        vpeak = meta["matmul_bf16"]["gflops_peak"] if precision == "bf16" else peak
+        vname = "bf16" if precision == "bf16" else "fp32"
+        section(f"training [{variant}] (batch {results[0]['train_dod']['batch']}, fwd+bwd+AdamW+EMA)")
+        for key, name in (("train_dod", "DoD (LEM prior)"), ("train_sit", "SiT (LEM off)")):
+            row(f"{name} img/s", lambda r, k=key, v=variant: _f(r["variants"][v][k]["images_per_sec"]))
+            row(f"{name} ms/step", lambda r, k=key, v=variant: _f(1e3 * r["variants"][v][k]["seconds_per_step"]))
+            row(f"{name} GFLOP/s (3 x fwd) / % {vname} peak",
+                lambda r, k=key, v=variant, pk=vpeak: f"{_f(r['variants'][v][k]['gflops'])} / "
+                f"{100 * r['variants'][v][k]['gflops'] / pk:.1f}%")
+        row("LEM training overhead (time)",
+            lambda r, v=variant: f"+{100 * (r['variants'][v]['train_sit']['images_per_sec'] / r['variants'][v]['train_dod']['images_per_sec'] - 1):.1f}%")
+        row("peak RSS after training, MiB", lambda r, v=variant: _f(r["variants"][v]["rss_after_train_mb"], 0))
+        section(f"sampling [{variant}] (Euler {s['steps']} steps, {s['rows']} images, micro-batch {s['micro_batch']})")
+        for key, name in (("stage1_cfg1", "stage 1, CFG 1"), ("stage1_cfgx", f"stage 1, CFG {scale:g}"),
+                          ("stagek_cfg1", "stage k, CFG 1"), ("stagek_cfgx", f"stage k, CFG {scale:g}")):
+            row(f"{name} img/s", lambda r, k=key, v=variant: _f(r["variants"][v]["sample"][k]["images_per_sec"]))
+            row(f"{name} GFLOP/s / % {vname} peak",
+                lambda r, k=key, v=variant, pk=vpeak: f"{_f(r['variants'][v]['sample'][k]['gflops'])} / "
+                f"{100 * r['variants'][v]['sample'][k]['gflops'] / pk:.1f}%")
+            if key.startswith("stagek"):
+                row(f"{name} LEM share time / FLOPs",
+                    lambda r, k=key, v=variant: f"{100 * r['variants'][v]['sample'][k]['lem_share']:.2f}% / "
+                    f"{100 * r['variants'][v]['sample'][k]['lem_flops_share']:.2f}%")
+        row("peak RSS after sampling, MiB", lambda r, v=variant: _f(r["variants"][v]["rss_after_sample_mb"], 0))
+    row("LEM FLOPs / backbone FLOPs",
         lambda r: f"+{100 * r['model']['flops_per_forward']['lem'] / r['model']['flops_per_forward']['backbone']:.1f}%")
-    row("peak RSS after training, MiB", lambda r: _f(r["rss_after_train_mb"], 0))
-    section(f"sampling (Euler {s['steps']} steps, {s['rows']} images, micro-batch {s['micro_batch']})")
-    for key, name in (("stage1_cfg1", "stage 1, CFG 1"), ("stage1_cfgx", f"stage 1, CFG {scale:g}"),
-                      ("stagek_cfg1", "stage k, CFG 1"), ("stagek_cfgx", f"stage k, CFG {scale:g}")):
-        row(f"{name} img/s", lambda r, k=key: _f(r["sample"][k]["images_per_sec"]))
-        row(f"{name} GFLOP/s / % peak",
-            lambda r, k=key: f"{_f(r['sample'][k]['gflops'])} / {100 * r['sample'][k]['gflops'] / peak:.1f}%")
-        if key.startswith("stagek"):
-            row(f"{name} LEM share time / FLOPs",
-                lambda r, k=key: f"{100 * r['sample'][k]['lem_share']:.2f}% / {100 * r['sample'][k]['lem_flops_share']:.2f}%")
-    row("peak RSS after sampling, MiB", lambda r: _f(r["rss_after_sample_mb"], 0))
 
     headers = [r["size"] for r in results]
     w0 = max(len(label) for label, _ in rows) + 2
@@ -409,6 +436,8 @@ def main(argv=None) -> int:
     p.add_argument("--params", default=None, help="params file whose base experiment sets LEM/train/sample options "
                                                   "(default: the repository's params.yaml)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated, of {', '.join(VARIANTS)} (default: fp32 on a CPU, all three on CUDA)")
     p.add_argument("--json", default=None, help="save all figures to this JSON file")
     args = p.parse_args(argv)
 
@@ -417,6 +446,11 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
 
     device = torch.device(args.device)
+    args.variants = (args.variants or ("fp32" if device.type == "cpu" else ",".join(VARIANTS))).split(",")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown[0]!r} (choose from {', '.join(VARIANTS)})")
+    allow_tf32()  # as in every dod job: float32 matmuls on CUDA may use TF32 ("fp32" rows = TF32 there)
     # The training step runs under accelerate as in `dodlib.train.train` (one process here).
     accelerator = Accelerator(cpu=device.type == "cpu")
     base = base_experiment(args.params)
@@ -441,6 +475,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "latent": list(args.latent),
+        "variants": args.variants,
         "args": {k: v for k, v in vars(args).items() if k != "latent"},
     }
     meta["loadavg_start"] = list(os.getloadavg())
@@ -450,6 +485,9 @@ def main(argv=None) -> int:
             "an OpenMP thread the figures can be many times too low (try --threads 1, or wait)")
     log(f"matmul peak: fp32 mm {args.matmul_n}^2 x {args.matmul_repeats}")
     meta["matmul"] = bench_matmul(args.matmul_n, args.matmul_repeats, device)
+    if any(VARIANTS[v][0] == "bf16" for v in args.variants):
+        meta["matmul_bf16"] = bench_matmul(args.matmul_n, args.matmul_repeats, device, torch.bfloat16)
+        log(f"  bf16: {meta['matmul_bf16']['gflops_peak']:.1f} GFLOP/s")
     meta["rss_after_matmul_mb"] = peak_rss_mb()
     log(f"  {meta['matmul']['gflops_peak']:.1f} GFLOP/s")
 

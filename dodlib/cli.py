@@ -31,8 +31,12 @@ def _load(args) -> Params:
 
 
 def _device(args):
+    """The device of a command that runs a network (float32 work there may use TF32 on CUDA)."""
     import torch
 
+    from .compute import allow_tf32
+
+    allow_tf32()
     if args.device:
         return torch.device(args.device)
     if not torch.cuda.is_available():

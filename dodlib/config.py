@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from .compute import PRECISIONS
+
 
 class ConfigError(ValueError):
     """A parameter is unknown, of the wrong type, or impossible. The message names the key."""
@@ -127,7 +129,8 @@ class TrainConfig:
     checkpoint_every: int = 64_000  # images between resumable checkpoints
     log_every: int = 12_800  # images between log lines
     snapshots: list[int] = field(default_factory=list)  # images at which to keep EMA weights
-    mixed_precision: str = "auto"  # auto (bf16 on capable GPUs) | no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on capable GPUs) | no | bf16 | fp16 (dodlib/compute.py)
+    compile: bool = False  # torch.compile the network's forward (GPU runs; the first steps compile)
 
     def validate(self, key: str) -> None:
         for name in ("images", "batch_size", "checkpoint_every", "log_every"):
@@ -142,7 +145,7 @@ class TrainConfig:
         _choice(self.t_sampling, ("uniform", "logit_normal"), f"{key}.t_sampling")
         _positive(self.t_std, f"{key}.t_std")
         _probability(self.class_dropout, f"{key}.class_dropout")
-        _choice(self.mixed_precision, ("auto", "no", "bf16", "fp16"), f"{key}.mixed_precision")
+        _choice(self.mixed_precision, PRECISIONS, f"{key}.mixed_precision")
         for i, s in enumerate(self.snapshots):
             if not 0 < s <= self.images:
                 raise ConfigError(f"{key}.snapshots[{i}]: {s} is outside (0, {key}.images={self.images}]")
@@ -205,6 +208,10 @@ class SampleConfig:
     shard_size: int = 500  # samples per written shard (the unit of resumption)
     seed: int = 0
     prior_source: str = "generated"  # generated (stage k-1 samples) | real (real latents: rFID)
+    # The network's precision while sampling and regenerating pairs; x, the time grid, CFG and the
+    # SDE noise stay float32 (dodlib/compute.py). Part of the sampling fingerprint, as is compile.
+    mixed_precision: str = "auto"  # auto (bf16 on capable GPUs) | no | bf16 | fp16
+    compile: bool = False
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     cfg: CFGConfig = field(default_factory=CFGConfig)
 
@@ -212,6 +219,7 @@ class SampleConfig:
         for name in ("num_samples", "batch_size", "shard_size", "micro_batch"):
             _positive(getattr(self, name), f"{key}.{name}")
         _choice(self.prior_source, ("generated", "real"), f"{key}.prior_source")
+        _choice(self.mixed_precision, PRECISIONS, f"{key}.mixed_precision")
         self.sampler.validate(f"{key}.sampler")
         self.cfg.validate(f"{key}.cfg")
 

@@ -131,14 +131,17 @@ class LatentSet:
         return torch.from_numpy(out)
 
     def draw(self, index: np.ndarray, generator: torch.Generator, *, sample_posterior: bool = True,
-             flip: bool = True):
-        """Latents for `index`: a random flip (if cached and `flip`) and a fresh posterior sample
-        each call."""
+             flip: bool = True, rows: slice = slice(None)):
+        """Latents for `index[rows]`: a random flip (if cached and `flip`) and a fresh posterior
+        sample each call. The generator draws for all of `index` whatever `rows` selects, so a
+        row's latent does not depend on which other rows are taken."""
         index = np.asarray(index)
         flips = torch.randint(0, self.meta["flips"] if flip else 1, (len(index),), generator=generator).numpy()
+        full = len(index)
+        index, flips = index[rows], flips[rows]
         mean = self._gather(self.mean, index, flips)
         if self.std is not None and sample_posterior:
-            eps = torch.randn(mean.shape, generator=generator)
+            eps = torch.randn((full, *mean.shape[1:]), generator=generator)[rows]
             mean = mean + self._gather(self.std, index, flips) * eps
         return mean, self.labels[torch.from_numpy(index)]
 

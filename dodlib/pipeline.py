@@ -167,8 +167,8 @@ class StageInstance:
 # Modules whose source shapes a stage's results. Besides being the stages' code dependencies, the
 # two with resumable state fold a digest of them into their state key: after a code edit a rerun
 # starts over instead of resuming (or reusing) checkpoints and shards made by the old code.
-TRAIN_CODE = ("train", "train_step", "training_log", "transport", "models")
-SAMPLE_CODE = ("sample", "samplers", "guidance", "priors")
+TRAIN_CODE = ("train", "train_step", "training_log", "transport", "models", "compute")
+SAMPLE_CODE = ("sample", "samplers", "guidance", "priors", "compute")
 
 
 def _code(*modules: str) -> list[str]:
@@ -282,7 +282,8 @@ def stages(params: Params) -> list[StageInstance]:
                 cmd=f"dod pair-priors --experiment {name} --stage {k}", deps=pair_deps, outs=[pairs_dir(name, k)],
                 markers=[marker(pairs_dir(name, k))], code=_code(*SAMPLE_CODE),
                 params=_params(raw, ["sample.sampler", "sample.cfg", "sample.micro_batch", "sample.shard_size"],
-                               source_sampling + ft_keys), wildcards={"exp": name},
+                               ["sample.mixed_precision", "sample.compile"] + source_sampling + ft_keys),
+                wildcards={"exp": name},
             ))
             out.append(StageInstance(
                 name=f"train_stage{k}-{name}", rule=f"train_stage{k}", area="training",

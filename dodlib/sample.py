@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .compute import allow_tf32, compile_network, in_precision, resolve_precision
 from .config import ExperimentConfig, fingerprint
 from .guidance import make_guided_velocity_fn
 from .io import file_digest, load_json, save_json, save_npy
@@ -96,7 +97,7 @@ def sample_stage(
         return None
     run.meta["prior_source"] = None if prior is None else ("real" if isinstance(prior, RealPriors) else "generated")
     _finish(Path(out_dir), run, against=inputs.priors, labels=inputs.labels,
-            runtime_record=provenance(exp.runtime, "no"))
+            runtime_record=provenance(exp.runtime, run.meta["precision"]))
     return run.meta
 
 
@@ -140,7 +141,7 @@ def pair_priors(
     run.meta.update(purpose=f"fine-tuning pairs of stage {stage}", t0=ft.t0, regenerated_by_stage=source,
                     prior_source=None if previous is None else "pairs")
     _finish(Path(out_dir), run, against=starts, labels=labels, name="msd_to_clean",
-            runtime_record=provenance(exp.runtime, "no"))
+            runtime_record=provenance(exp.runtime, run.meta["precision"]))
     return run.meta
 
 
@@ -167,7 +168,9 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
     seed = scfg.seed if seed is None else seed
     batch_size = batch_size or scfg.batch_size
     weights = Path(weights)
-    model = load_weights(weights, device)
+    precision = resolve_precision(scfg.mixed_precision, device)
+    allow_tf32()
+    model = compile_network(load_weights(weights, device), scfg.compile)
     num_classes = model.config["num_classes"]
     if inputs.priors is not None and model.lem is None:
         raise ValueError(f"experiments.{exp.name}: stage {stage} needs a prior, but the model has no LEM (lem.enabled)")
@@ -182,6 +185,9 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
         "weights": file_digest(weights), "prior": prior_key, "stage": stage, "seed": seed, "kind": seed_kind,
         "n": n, "shard_size": scfg.shard_size, "micro": scfg.micro_batch, "t_start": inputs.t_start,
         "sampling": dataclasses.asdict(stage_cfg), "code": code_digest(SAMPLE_CODE),
+        # bf16 shards are never resumed by an fp32 run (nor compiled by eager ones); float32 eager
+        # runs keep the key they had before these options existed.
+        **({"precision": precision} if precision != "no" else {}), **({"compile": True} if scfg.compile else {}),
     })
     state_dir = Path(state_root) / key
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +220,7 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
                     model, spec, stage_cfg.cfg, seeds, labels, micro_batch=scfg.micro_batch, device=device,
                     priors=None if inputs.priors is None else torch.from_numpy(inputs.priors[index]),
                     starts=None if inputs.starts is None else torch.from_numpy(inputs.starts[index]),
-                    t_start=inputs.t_start)
+                    t_start=inputs.t_start, precision=precision)
                 timing["lem_seconds"] += lem_seconds
                 finite = torch.isfinite(x.flatten(1)).all(dim=1).cpu()
                 if not bool(finite.all()):
@@ -257,6 +263,7 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
         "sampling": dataclasses.asdict(stage_cfg), "t_start": inputs.t_start,
         "latent_shape": list(latent_shape), "num_classes": num_classes,
         "flops_per_forward": model.flops_per_forward(1), "nfe_used": load_json(state_dir / "shard-00000.json")["nfe"],
+        "precision": precision, "compile": scfg.compile,
     }
     return SamplingRun(meta, state_dir, {**timing, "resumed_shards": done_before})
 
@@ -278,11 +285,12 @@ def _finish(out_dir: Path, run: SamplingRun, *, against, labels, runtime_record:
 
 def sample_batch(model, sampler: SamplerSpec, cfg, seeds, labels: torch.Tensor, *, micro_batch: int, device,
                  priors: torch.Tensor | None = None, starts: torch.Tensor | None = None,
-                 t_start: float = 0.0) -> tuple[torch.Tensor, int, float]:
+                 t_start: float = 0.0, precision: str = "no") -> tuple[torch.Tensor, int, float]:
     """One batch of samples: row i starts from the noise of its own generator (seeded by
     `seeds[i]`, which also draws its SDE increments), conditioned on class `labels[i]` and, at a
     stage k >= 2, on `priors[i]` (encoded by the LEM once); `starts` are clean latents noised to
-    `t_start` (the regeneration of paired priors). The network always sees `micro_batch` rows.
+    `t_start` (the regeneration of paired priors). The network always sees `micro_batch` rows, in
+    `precision` (dodlib/compute.py: its outputs are float32, as is everything the sampler keeps).
     Call it under `torch.inference_mode()`. Returns (latents, NFE, seconds spent in the LEM)."""
     shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
     gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -292,9 +300,10 @@ def sample_batch(model, sampler: SamplerSpec, cfg, seeds, labels: torch.Tensor, 
     prior_emb, lem_seconds = None, 0.0
     if priors is not None:
         tl = time.perf_counter()
-        prior_emb = fixed_shape(model.encode_prior, micro_batch)(priors.to(device))
+        prior_emb = fixed_shape(in_precision(model.encode_prior, precision, device), micro_batch)(priors.to(device))
         lem_seconds = time.perf_counter() - tl
-    velocity_fn = _velocity_fn(fixed_shape(model, micro_batch), labels.to(device), prior_emb, cfg,
+    velocity_fn = _velocity_fn(fixed_shape(in_precision(model, precision, device), micro_batch), labels.to(device),
+                               prior_emb, cfg,
                                model.config["num_classes"])
     noise_fn = lambda step: torch.stack(  # noqa: E731  per-sample SDE increments
         [torch.randn(shape, generator=g) for g in gens]).to(device)

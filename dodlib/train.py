@@ -27,10 +27,12 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .compute import allow_tf32, compile_network, resolve_precision
 from .config import ExperimentConfig, fingerprint
 from .io import atomic_path, file_digest, load_json, save_json
 from .pipeline import TRAIN_CODE, code_digest
@@ -40,7 +42,7 @@ from .progress import progress
 from .runtime import PROVENANCE_FILE, provenance
 from .models import DoDModel
 from .training_log import LIVE_DIR, TrainingLog
-from .train_step import NonFiniteStep, PriorConditionedLoss, make_batch, train_step
+from .train_step import NonFiniteStep, PriorConditionedLoss, make_batch, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +124,8 @@ class SelfPriors:
     def __len__(self) -> int:
         return len(self.latents)
 
-    def draw(self, index, generator):
-        x1, y = self.latents.draw(index, generator)
+    def draw(self, index, generator, rows=slice(None)):
+        x1, y = self.latents.draw(index, generator, rows=rows)
         return x1, y, x1
 
 
@@ -139,9 +141,9 @@ class PairedPriors:
     def __len__(self) -> int:
         return len(self.index)
 
-    def draw(self, index, generator):
-        x1, y = self.latents.draw(self.index[index], generator, flip=False)
-        return x1, y, torch.from_numpy(self.priors[index])
+    def draw(self, index, generator, rows=slice(None)):
+        x1, y = self.latents.draw(self.index[index], generator, flip=False, rows=rows)
+        return x1, y, torch.from_numpy(self.priors[np.asarray(index)[rows]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,21 +239,22 @@ def train(
         start = _load_start(Path(init_weights), spec)
         data = PairedPriors(latents, PriorCache(pairs_dir))
         origin = {"weights": file_digest(init_weights), "stage": stage}
+    if accelerator is None:
+        # cpu=True on machines without CUDA, so that several processes there (`accelerate launch`)
+        # form a gloo process group instead of each running alone.
+        on_cuda = torch.cuda.is_available()
+        accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision, "cuda" if on_cuda else "cpu"),
+                                  cpu=not on_cuda)
+    device, precision = accelerator.device, accelerator.mixed_precision
+    allow_tf32()
+    # The resolved precision is in the key: "auto" on a GPU and on a CPU are different runs.
     run_key = fingerprint({"spec": spec, "train": dataclasses.asdict(cfg), "lem": dataclasses.asdict(exp.lem),
                            "prior_dropout": prior_dropout, "init_from": origin, "data": data.meta,
-                           "code": code_digest(TRAIN_CODE)})
+                           "precision": precision, "code": code_digest(TRAIN_CODE)})
     state_dir = Path(state_root) / run_key
     state_dir.mkdir(parents=True, exist_ok=True)
     out_dir = Path(out_dir)
 
-    if accelerator is None:
-        precision = cfg.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        # cpu=True on machines without CUDA, so that several processes there (`accelerate launch`)
-        # form a gloo process group instead of each running alone.
-        accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-    device = accelerator.device
     torch.manual_seed(cfg.seed)  # initial weights: same on every process
     model = build_model(spec)
     if start is not None:
@@ -262,7 +265,7 @@ def train(
         model.load_backbone_state_dict(load_checkpoint_file(exp.model.init_from))
     ema = build_model(spec).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    optimizer = make_optimizer(model, cfg, device)
 
     total_steps = math.ceil(cfg.images / cfg.batch_size)
     step, log_rows = 0, []
@@ -273,7 +276,8 @@ def train(
     elif list_checkpoints(state_dir):
         log.warning("%s: no checkpoint could be loaded; training %s from the start", state_dir, exp.name)
 
-    wrapped, optimizer = accelerator.prepare(PriorConditionedLoss(model), optimizer)
+    # Compiled in place: the saved weights keep their keys (no `_orig_mod.` prefixes).
+    wrapped, optimizer = accelerator.prepare(PriorConditionedLoss(compile_network(model, cfg.compile)), optimizer)
     ema.to(device)
     use_prior = spec["lem"] is not None
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -295,8 +299,7 @@ def train(
         bar = progress(total=total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="img",
                        enabled=accelerator.is_main_process, desc=f"train {exp.name} stage {stage}", interval=None)
         while step < total_steps:
-            b = make_batch(cfg, prior_dropout, data, step, spec["num_classes"], use_prior)
-            mine = b.rows(slice(rank, None, world))  # this process's share of the global batch
+            mine = make_batch(cfg, prior_dropout, data, step, spec["num_classes"], use_prior, rank, world)
             try:
                 result = train_step(accelerator, wrapped, model, ema, optimizer, cfg, mine, step)
             except NonFiniteStep as err:

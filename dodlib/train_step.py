@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .compute import autocast
 from .config import TrainConfig
 from .transport import sample_t, velocity_loss
 
@@ -61,16 +62,23 @@ class Batch:
         return tuple(None if v is None else v.to(device) for v in dataclasses.astuple(self))
 
 
-def make_batch(cfg: TrainConfig, prior_dropout: float, data, step: int, null_class: int, use_prior: bool) -> Batch:
-    """The global batch of `step` from `data` (`train.SelfPriors` or `train.PairedPriors`)."""
+def make_batch(cfg: TrainConfig, prior_dropout: float, data, step: int, null_class: int, use_prior: bool,
+               rank: int = 0, world: int = 1) -> Batch:
+    """Process `rank`'s rows (rank, rank + world, ...) of the global batch of `step` from `data`
+    (`train.SelfPriors` or `train.PairedPriors`).
+
+    The step's generator draws the random numbers of the whole global batch, always in the same
+    order (cheap), while the latents are gathered only for this process's rows: every process count
+    trains on bit-identical global batches (tests/test_distributed.py)."""
     g = step_generator(cfg.seed, step)
     idx = batch_indices(cfg.seed, step, cfg.batch_size, len(data))
-    x1, y, prior_latent = data.draw(idx, g)
-    x0 = torch.randn(x1.shape, generator=g)
-    t = sample_t(len(idx), g, kind=cfg.t_sampling, mean=cfg.t_mean, std=cfg.t_std)
-    drop_class = torch.rand(len(idx), generator=g) < cfg.class_dropout
+    mine = slice(rank, None, world)
+    x1, y, prior_latent = data.draw(idx, g, rows=mine)
+    x0 = torch.randn((len(idx), *x1.shape[1:]), generator=g)[mine]
+    t = sample_t(len(idx), g, kind=cfg.t_sampling, mean=cfg.t_mean, std=cfg.t_std)[mine]
+    drop_class = (torch.rand(len(idx), generator=g) < cfg.class_dropout)[mine]
     y = torch.where(drop_class, torch.full_like(y, null_class), y)
-    prior_keep = (torch.rand(len(idx), generator=g) >= prior_dropout) if use_prior else None
+    prior_keep = (torch.rand(len(idx), generator=g) >= prior_dropout)[mine] if use_prior else None
     return Batch(x1, x0, t, y, prior_latent, prior_keep)
 
 
@@ -107,9 +115,18 @@ def ema_decay(cfg: TrainConfig, steps_done: int) -> float:
 
 
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- ema + (1 - decay) (model - ema), every parameter in one multi-tensor call (the
+    parameters stay float32 under autocast, so no cast is needed)."""
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p.detach().float(), 1 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device) -> torch.optim.Optimizer:
+    """AdamW; on CUDA its fused kernel (one launch for every parameter). The CPU keeps torch's
+    default implementation, whose bytes the committed results were made with."""
+    fused = True if torch.device(device).type == "cuda" else None
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                             fused=fused)
 
 
 class NonFiniteStep(RuntimeError):
@@ -130,16 +147,18 @@ class StepResult:
 
 
 def train_step(accelerator, loss_fn: nn.Module, model: nn.Module, ema: nn.Module, optimizer, cfg: TrainConfig,
-               batch: Batch, step: int) -> StepResult:
+               batch: Batch, step: int, precision: str | None = None) -> StepResult:
     """Step `step` (0-based) on `batch`: loss, backward, clipping, optimizer and EMA update.
 
     `loss_fn` is the prepared `PriorConditionedLoss` around `model` (the bare network, whose
-    parameters are clipped and averaged into `ema`)."""
+    parameters are clipped and averaged into `ema`). The forward runs under `precision`'s
+    autocast (default: the accelerator's mixed precision)."""
     lr = learning_rate(cfg, step)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with accelerator.autocast():
-        loss = loss_fn(*batch.to(accelerator.device)).mean()
+    device = accelerator.device
+    with autocast(precision or accelerator.mixed_precision, device):
+        loss = loss_fn(*batch.to(device)).mean()
     accelerator.backward(loss)
     # The gradient norm is the same on every process (gradients are all-reduced), so all of them
     # stop together; max_norm=inf measures without changing a gradient.

@@ -69,3 +69,23 @@ def test_training_with_two_processes_matches_one(raw, prepared, tmp_path):
     # the same updates as one process, summed in another order.
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_process_draws_its_rows_of_the_same_global_batch(raw, prepared, world):
+    """The rows process r draws (r, r + world, ...) are bit for bit the rows of the one-process
+    batch, for every field: the global batch does not depend on the process count."""
+    from dodlib.latents import LatentSet
+    from dodlib.train import SelfPriors
+    from dodlib.train_step import make_batch
+
+    exp = parse_params(raw).experiment("dod")
+    data = SelfPriors(LatentSet(prepared / "latents" / "train"))
+    for step in (0, 7):
+        whole = make_batch(exp.train, 0.5, data, step, 10, True)
+        shares = [make_batch(exp.train, 0.5, data, step, 10, True, rank, world) for rank in range(world)]
+        for field in ("x1", "x0", "t", "y", "prior_latent", "prior_keep"):
+            rebuilt = torch.empty_like(getattr(whole, field))
+            for rank, share in enumerate(shares):
+                rebuilt[rank::world] = getattr(share, field)
+            assert torch.equal(rebuilt, getattr(whole, field)), (step, field)
