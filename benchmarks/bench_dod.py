@@ -52,7 +52,8 @@ from dodlib.config import CFGConfig, ExperimentConfig, load_params, parse_params
 from dodlib.models.sizes import SIZES  # noqa: E402
 from dodlib.sample import sample_batch, sample_seed  # noqa: E402
 from dodlib.samplers import SamplerSpec  # noqa: E402
-from dodlib.train import SelfPriors, build_model, model_spec  # noqa: E402
+from dodlib.models.weights import build_model, model_spec  # noqa: E402
+from dodlib.train import SelfPriors  # noqa: E402
 from dodlib.train_step import PriorConditionedLoss, make_batch, make_optimizer, train_step  # noqa: E402
 
 

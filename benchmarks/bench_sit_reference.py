@@ -18,6 +18,8 @@ are timed in alternating rounds:
 
 Settings as the issue's comparison: no gradient clipping, AdamW (lr 1e-4, no weight decay) + EMA
 every step, LEM off. img/s per side is the median over rounds; the ratio is ours / reference.
+A second table times the phases of one step on each side (batch, forward, backward, gradient
+norm, optimizer, EMA), so that a gap shows where it comes from.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ if str(REPO) not in sys.path:
 from benchmarks.bench_dod import SyntheticLatents, base_experiment, log, parse_latent, sync  # noqa: E402
 from dodlib.models.sit import sincos_pos_embed_2d  # noqa: E402
 from dodlib.models.sizes import SIZES  # noqa: E402
-from dodlib.train import SelfPriors, build_model, model_spec  # noqa: E402
-from dodlib.train_step import PriorConditionedLoss, make_batch, make_optimizer, train_step  # noqa: E402
+from dodlib.models.weights import build_model, model_spec  # noqa: E402
+from dodlib.train import SelfPriors  # noqa: E402
+from dodlib.train_step import PriorConditionedLoss, make_batch, make_optimizer, train_step, update_ema  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,11 +161,51 @@ def reference_step(model, ema, optimizer, x1, y, decay: float) -> float:
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    _reference_ema(ema, model, decay)
+    return float(loss.detach())
+
+
+def phase_breakdown(device, accelerator, loss_fn, ours, ema_ours, opt_ours, cfg, data, classes,
+                    ref, ema_ref, opt_ref, latents, labels, rounds: int) -> dict[str, tuple]:
+    """Median milliseconds of each phase of one step on each side, phase by phase (the sum is close
+    to, not equal to, a step: phases timed apart lose their overlap)."""
+    out: dict[str, list[list[float]]] = {}
+
+    def timed(phase: str, side: int, fn):
+        sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        sync(device)
+        out.setdefault(phase, [[], []])[side].append((time.perf_counter() - t0) * 1e3)
+        return result
+
+    for r in range(rounds):
+        batch = timed("batch (draws, x_t inputs)", 0, lambda: make_batch(cfg, 0.0, data, r, classes, False))
+        loss = timed("forward (loss)", 0, lambda: loss_fn(*batch.to(device)).mean())
+        timed("backward", 0, lambda: accelerator.backward(loss))
+        timed("gradient norm", 0, lambda: float(accelerator.clip_grad_norm_(ours.parameters(), math.inf)))
+        timed("optimizer step + zero_grad", 0, lambda: (opt_ours.step(), opt_ours.zero_grad(set_to_none=True)))
+        timed("EMA", 0, lambda: update_ema(ema_ours, ours, cfg.ema_decay))
+
+        def ref_inputs():
+            t = torch.rand(latents.shape[0], device=device)
+            x0 = torch.randn_like(latents)
+            tt = t.view(-1, 1, 1, 1)
+            return t, x0, tt * latents + (1 - tt) * x0
+
+        t, x0, x_t = timed("batch (draws, x_t inputs)", 1, ref_inputs)
+        loss = timed("forward (loss)", 1, lambda: ((ref(x_t, t, labels) - (latents - x0)) ** 2).mean())
+        timed("backward", 1, loss.backward)
+        timed("optimizer step + zero_grad", 1, lambda: (opt_ref.step(), opt_ref.zero_grad()))
+        timed("EMA", 1, lambda: _reference_ema(ema_ref, ref, cfg.ema_decay))
+    return {phase: tuple(statistics.median(v) if v else None for v in sides) for phase, sides in out.items()}
+
+
+def _reference_ema(ema, model, decay: float) -> None:
     with torch.no_grad():
         ema_params = OrderedDict(ema.named_parameters())
         for name, param in model.named_parameters():
             ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
-    return float(loss.detach())
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,12 +296,19 @@ def main(argv=None) -> int:
             sync(device)
             times[name].append(args.batch * args.steps / (time.perf_counter() - t0))
     ips = {name: statistics.median(v) for name, v in times.items()}
+    phases = phase_breakdown(device, accelerator, loss_fn, ours, ema_ours, opt_ours, cfg, data, args.classes,
+                             ref, ema_ref, opt_ref, latents, labels, args.rounds)
     print(f"SiT-{args.size}/{exp.model.patch_size} training step, latent {'x'.join(map(str, args.latent))}, "
           f"batch {args.batch}, {args.classes} classes, {device}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds of {args.steps} steps")
     for name, v in ips.items():
         print(f"  {name:<20} {v:8.2f} img/s   (rounds: {', '.join(f'{x:.2f}' for x in times[name])})")
     print(f"  ratio this project / reference: {ips['this project'] / ips['reference SiT step']:.2f}")
+    print("where a step's time goes, ms (median of rounds; the phases of one step, timed one by one):")
+    print(f"  {'phase':<28}{'this project':>14}{'reference':>12}")
+    for phase, (a, b) in phases.items():
+        cell = lambda v: f"{v:12.2f}" if v is not None else f"{'-':>12}"  # noqa: E731
+        print(f"  {phase:<28}  {cell(a)}{cell(b)}")
     return 0
 
 

@@ -131,7 +131,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .sample import PriorCache, RealPriors, sample_stage
+    from .priors import PriorCache, RealPriors
+    from .sample import sample_stage
     from .tokenizers import build_tokenizer
 
     params = _load(args)
@@ -153,7 +154,8 @@ def cmd_sample(args) -> None:
 
 
 def cmd_pair_priors(args) -> None:
-    from .sample import PriorCache, pair_priors
+    from .priors import PriorCache
+    from .sample import pair_priors
 
     params = _load(args)
     _relaunch_distributed(args)
@@ -168,7 +170,7 @@ def cmd_pair_priors(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluation import evaluate_stage
+    from .stage_metrics import evaluate_stage
 
     params = _load(args)
     exp = params.experiment(args.experiment)

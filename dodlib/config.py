@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
+from . import choices
 from .compute import PRECISIONS
+from .runtime import ISAS
 
 
 class ConfigError(ValueError):
@@ -44,7 +46,7 @@ class DataConfig:
     seed: int = 0  # split seed
 
     def validate(self, key: str) -> None:
-        _choice(self.source, ("mnist-embedded", "imagefolder"), f"{key}.source")
+        _choice(self.source, choices.DATA_SOURCES, f"{key}.source")
         if self.source == "imagefolder" and not self.root:
             raise ConfigError(f"{key}.root: required when {key}.source is 'imagefolder'")
         _positive(self.resolution, f"{key}.resolution")
@@ -63,7 +65,7 @@ class TokenizerConfig:
     shard_size: int = 8192  # latents per shard
 
     def validate(self, key: str) -> None:
-        _choice(self.kind, ("pixels", "sd-vae"), f"{key}.kind")
+        _choice(self.kind, choices.TOKENIZERS, f"{key}.kind")
         _positive(self.space_to_depth, f"{key}.space_to_depth")
         _positive(self.scale, f"{key}.scale")
         _positive(self.batch_size, f"{key}.batch_size")
@@ -78,7 +80,7 @@ class ModelConfig:
     init_from: str = ""  # optional SiT/DiT checkpoint (.pt/.safetensors) to inherit weights from
 
     def validate(self, key: str) -> None:
-        _choice(self.size, ("tiny", "small", "S", "B", "L", "XL"), f"{key}.size")
+        _choice(self.size, choices.MODEL_SIZES, f"{key}.size")
         _positive(self.patch_size, f"{key}.patch_size")
 
 
@@ -96,8 +98,8 @@ class LEMConfig:
     prior_dropout: float = 0.5  # probability that a training sample sees no prior
 
     def validate(self, key: str) -> None:
-        _choice(self.kind, ("lem", "direct"), f"{key}.kind")
-        _choice(self.injection, ("add_tokens", "add_condition", "concat_tokens"), f"{key}.injection")
+        _choice(self.kind, choices.LEM_KINDS, f"{key}.kind")
+        _choice(self.injection, choices.INJECTIONS, f"{key}.injection")
         for name in ("width", "heads", "bottleneck_dim", "token_pool"):
             _positive(getattr(self, name), f"{key}.{name}")
         _at_least(self.depth_enc, 0, f"{key}.depth_enc")
@@ -142,7 +144,7 @@ class TrainConfig:
             raise ConfigError(f"{key}.betas: expected two numbers in [0, 1), got {self.betas}")
         _probability(self.ema_decay, f"{key}.ema_decay")
         _at_least(self.grad_clip, 0, f"{key}.grad_clip")
-        _choice(self.t_sampling, ("uniform", "logit_normal"), f"{key}.t_sampling")
+        _choice(self.t_sampling, choices.T_SAMPLINGS, f"{key}.t_sampling")
         _positive(self.t_std, f"{key}.t_std")
         _probability(self.class_dropout, f"{key}.class_dropout")
         _choice(self.mixed_precision, PRECISIONS, f"{key}.mixed_precision")
@@ -159,7 +161,7 @@ class SamplerConfig:
     last_step_size: float = 0.04  # SDE only: final deterministic "mean" step
 
     def validate(self, key: str) -> None:
-        _choice(self.method, ("euler", "heun", "euler_maruyama"), f"{key}.method")
+        _choice(self.method, choices.SAMPLERS, f"{key}.method")
         _positive(self.num_steps, f"{key}.num_steps")
         _at_least(self.diffusion_scale, 0, f"{key}.diffusion_scale")
         if not 0 < self.last_step_size < 1:
@@ -177,9 +179,9 @@ class CFGConfig:
 
     def validate(self, key: str) -> None:
         _at_least(self.scale, 0, f"{key}.scale")
-        _choice(self.channels, ("all", "first3"), f"{key}.channels")
-        _choice(self.uncond, ("class", "class_prior"), f"{key}.uncond")
-        _choice(self.schedule, ("constant", "interval", "power_cosine"), f"{key}.schedule")
+        _choice(self.channels, choices.CFG_CHANNELS, f"{key}.channels")
+        _choice(self.uncond, choices.CFG_UNCOND, f"{key}.uncond")
+        _choice(self.schedule, choices.CFG_SCHEDULES, f"{key}.schedule")
         if len(self.interval) != 2 or not 0 <= self.interval[0] <= self.interval[1] <= 1:
             raise ConfigError(f"{key}.interval: expected [lo, hi] with 0 <= lo <= hi <= 1, got {self.interval}")
         _positive(self.power, f"{key}.power")
@@ -218,7 +220,7 @@ class SampleConfig:
     def validate(self, key: str) -> None:
         for name in ("num_samples", "batch_size", "shard_size", "micro_batch"):
             _positive(getattr(self, name), f"{key}.{name}")
-        _choice(self.prior_source, ("generated", "real"), f"{key}.prior_source")
+        _choice(self.prior_source, choices.PRIOR_SOURCES, f"{key}.prior_source")
         _choice(self.mixed_precision, PRECISIONS, f"{key}.mixed_precision")
         self.sampler.validate(f"{key}.sampler")
         self.cfg.validate(f"{key}.cfg")
@@ -226,7 +228,7 @@ class SampleConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Stage-k fine-tuning on a paired prior cache (DESIGN.md section 2): stage k starts from stage
+    """Stage-k fine-tuning on a paired prior cache (docs/method.md section 3): stage k starts from stage
     k-1's weights and trains on pairs (prior, clean latent) where the prior is the training latent
     noised to `t0` and regenerated by the stage k-1 sampler, so that at training time the prior
     looks like a generated sample."""
@@ -306,7 +308,7 @@ class EvalConfig:
     feature_net: FeatureNetConfig = field(default_factory=FeatureNetConfig)
 
     def validate(self, key: str) -> None:
-        _choice(self.detector, ("features", "inception"), f"{key}.detector")
+        _choice(self.detector, choices.DETECTORS, f"{key}.detector")
         if self.detector == "inception" and not self.inception_weights:
             raise ConfigError(f"{key}.inception_weights: required when {key}.detector is 'inception'")
         _positive(self.batch_size, f"{key}.batch_size")
@@ -340,7 +342,7 @@ class RuntimeConfig:
 
     def validate(self, key: str) -> None:
         _positive(self.threads, f"{key}.threads")
-        _choice(self.cpu_isa, ("avx2", "native"), f"{key}.cpu_isa")
+        _choice(self.cpu_isa, ISAS, f"{key}.cpu_isa")
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""Evaluation stages: train_feature_net, reference_stats and evaluate_stage{k}.
+"""The evaluation's detector and its reference: the stages train_feature_net and reference_stats.
 
-The metric code lives in dodlib.metrics; this module binds it to the pipeline's artifacts:
-which detector the config names, where the real images and the samples are, and what goes into
-the metrics JSON beside the numbers (sample count, detector, NFE, compute, copying diagnostic).
+The metric code lives in dodlib.metrics; this module binds it to the pipeline's artifacts: which
+detector the config names and where the real images are. A stage's metrics JSON is made by
+dodlib/stage_metrics.py, apart from this module so that an edit there (or of the network it counts
+parameters of) does not rerun the reference statistics.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import numpy as np
 
 from .config import ExperimentConfig
 from .data.shards import ImageShards
-from .io import load_json, save_json
+from .io import save_json
 from .metrics.detectors import FeatureNetDetector, InceptionDetector
-from .metrics.evaluate import compute_reference, evaluate_images, load_reference, save_reference
+from .metrics.evaluate import compute_reference, load_reference, save_reference
 from .metrics.feature_net import save_feature_net, train_feature_net
-from .runtime import PROVENANCE_FILE, provenance
 
 log = logging.getLogger(__name__)
 
@@ -70,71 +70,3 @@ def reference_stats_stage(exp: ExperimentConfig, data_dir, features_dir, out_dir
         reference = compute_reference(images, detector, max_ref=exp.eval.max_reference)
     save_reference(Path(out_dir) / REFERENCE_FILE, reference)
     return {"detector": detector.name, "count": int(reference.get("count", -1))}
-
-
-def evaluate_stage(exp: ExperimentConfig, stage: int, samples_dir, reference_dir, features_dir, weights_path,
-                   out_path, *, train_images: int, device="cpu") -> dict:
-    """Metrics of one stage's samples: metrics JSON with the sample count and the detector named.
-    `train_images`: images behind the network that sampled it (fine-tuning included)."""
-    from .sample import PriorCache
-
-    samples = PriorCache(samples_dir)
-    detector = build_detector(exp, features_dir, device)
-    reference = load_reference(Path(reference_dir) / REFERENCE_FILE, detector)
-    labels = samples.load("labels")
-    metrics = evaluate_images(samples.image_batches(), detector, reference, labels=labels,
-                              num_classes=samples.meta["num_classes"], k=exp.eval.pr_k)
-    meta = samples.meta
-    # Compute to produce one stage-k sample: every stage up to k (each restarts from noise), with
-    # CFG doubling the batch, plus the LEM once per stage >= 2. Summed from the earlier stages' meta.
-    gflops, k, m = _stage_gflops(meta), stage, meta
-    while m.get("prior_source") == "generated":  # priors from real latents cost no sampling
-        k -= 1
-        m = PriorCache(Path(samples_dir).parent / f"stage{k}").meta
-        gflops += _stage_gflops(m)
-    result = {
-        "experiment": exp.name,
-        "stage": stage,
-        "metric_name": detector.metric_prefix,
-        **metrics,
-        "nfe": meta["nfe"],
-        "cfg_scale": meta["sampling"]["cfg"]["scale"],
-        "prior_source": meta.get("prior_source"),
-        "msd_to_prior": meta.get("msd_to_prior"),
-        "msd_within_class": meta.get("msd_within_class"),
-        "train_images": train_images,
-        "sampling_gflops_per_image": gflops,
-        **_parameter_counts(weights_path),
-        # What decided the bytes of the network, the samples and these numbers, and where each ran.
-        "provenance": {
-            "train": _provenance_of(Path(weights_path).parent),
-            "sample": _provenance_of(samples_dir),
-            "evaluate": provenance(exp.runtime, "no"),
-        },
-    }
-    save_json(out_path, result)
-    log.info("%s stage %d: %s", exp.name, stage,
-             {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-    return result
-
-
-def _provenance_of(directory) -> dict:
-    """The runtime record a training or sampling stage left in its output directory."""
-    path = Path(directory) / PROVENANCE_FILE
-    return load_json(path) if path.exists() else {}
-
-
-def _parameter_counts(weights_path) -> dict:
-    from .train import build_model
-
-    model = build_model(load_json(Path(weights_path).with_suffix(".json")))
-    return {"params": model.num_params("total"), "lem_params": model.num_params("lem") if model.lem is not None else 0}
-
-
-def _stage_gflops(meta: dict) -> float:
-    """GFLOPs of one sample of one stage. CFG is counted as doubling every step (an upper bound
-    for interval schedules, which skip the unconditional branch outside the interval)."""
-    flops = meta["flops_per_forward"]
-    per_step = flops["backbone"] * (2 if meta["cfg_doubles_batch"] else 1)
-    lem = flops.get("lem", 0) if meta.get("prior_source") else 0
-    return (meta["nfe"] * per_step + lem) / 1e9

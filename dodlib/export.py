@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import DataError
 from .io import atomic_path, load_json
+from .priors import shard_file
 
 IMAGES_KEY, LABELS_KEY = "arr_0", "arr_1"
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time zip can store: no wall-clock in the bytes
@@ -28,7 +29,7 @@ def export_npz(samples_dir: str | Path, out_path: str | Path, *, chunk_rows: int
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path}: missing (is {samples_dir} the output of `dod sample`?)")
     meta = load_json(meta_path)
-    shards = [(np.load(samples_dir / f"images-{j:05d}.npy", mmap_mode="r"), samples_dir / f"labels-{j:05d}.npy")
+    shards = [(np.load(samples_dir / shard_file("images", j), mmap_mode="r"), samples_dir / shard_file("labels", j))
               for j in range(int(meta["num_shards"]))]
     if not shards:
         raise DataError(f"{samples_dir}: no sample shards")

@@ -22,10 +22,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from .choices import CFG_CHANNELS, CFG_SCHEDULES
+
 __all__ = ["SCHEDULES", "CHANNELS", "guidance_scale", "guided_velocity", "make_guided_velocity_fn"]
 
-SCHEDULES = ("constant", "interval", "power_cosine")
-CHANNELS = ("all", "first3")
+SCHEDULES, CHANNELS = CFG_SCHEDULES, CFG_CHANNELS  # dodlib/choices.py
 
 
 def guidance_scale(

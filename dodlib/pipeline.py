@@ -8,11 +8,12 @@ dotted keys into params.yaml, so both tools rerun the same set of jobs after an 
 Paths: every artifact lives under `artifacts/`; resumable state (checkpoints, unfinished sample
 shards) under `state/`, outside the declared outputs that Snakemake deletes before a job runs.
 Snakemake tracks one marker file per output directory, written last; DVC tracks the directory.
+A stage's code dependencies are its command's module and everything it imports within dodlib
+(dodlib/code_deps.py), so an edit reruns exactly the stages that run the edited code.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -20,13 +21,13 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, Params
+from .code_deps import SAMPLE_CODE, TRAIN_CODE, source_files
+from .config import TRAINING_BLOCKS, ConfigError, Params
 
 ARTIFACTS = "artifacts"
 STATE = "state"
 RESULTS = "results"
 PARAMS_FILE = "params.yaml"
-PACKAGE = Path(__file__).resolve().parent
 
 
 # ---- artifact paths (the one place that spells them) -----------------------------------------
@@ -164,33 +165,6 @@ class StageInstance:
     cache: bool = True
 
 
-# Modules whose source shapes a stage's results. Besides being the stages' code dependencies, the
-# two with resumable state fold a digest of them into their state key: after a code edit a rerun
-# starts over instead of resuming (or reusing) checkpoints and shards made by the old code.
-TRAIN_CODE = ("train", "train_step", "training_log", "transport", "models", "compute")
-SAMPLE_CODE = ("sample", "samplers", "guidance", "priors", "compute")
-
-
-def _code(*modules: str) -> list[str]:
-    """Source files of the given dodlib modules or packages, relative to the repository."""
-    files = []
-    for module in modules:
-        path = PACKAGE / module
-        if path.is_dir():
-            files += sorted(str(p.relative_to(PACKAGE.parent)) for p in path.glob("*.py"))
-        else:
-            files.append(str(path.with_suffix(".py").relative_to(PACKAGE.parent)))
-    return files
-
-
-def code_digest(modules: tuple[str, ...]) -> str:
-    """sha256 over the source files of `modules` (their paths and bytes)."""
-    h = hashlib.sha256()
-    for rel in _code(*modules):
-        h.update(rel.encode() + b"\0" + (PACKAGE.parent / rel).read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
 def _lookup(raw: dict, dotted: str):
     node = raw
     for part in dotted.split("."):
@@ -234,7 +208,7 @@ def stages(params: Params) -> list[StageInstance]:
     out.append(StageInstance(
         name="prepare_data", rule="prepare_data", area="data",
         cmd="dod prepare-data", deps=[], outs=[data_dir()], markers=[data_marker],
-        code=_code("data"), params=_params(raw, ["data"]),
+        code=source_files("data"), params=_params(raw, ["data"]),
     ))
     ref_deps = [data_marker]
     if detector == "features":
@@ -242,33 +216,33 @@ def stages(params: Params) -> list[StageInstance]:
             name="train_feature_net", rule="train_feature_net", area="evaluation",
             cmd="dod train-features", deps=[data_marker], outs=[features_dir()],
             markers=[marker(features_dir(), "model.safetensors")],
-            code=_code("metrics/feature_net", "evaluation"), params=_params(raw, ["eval.feature_net"]),
+            code=source_files("evaluation"), params=_params(raw, ["eval.feature_net"]),
         ))
         ref_deps.append(marker(features_dir(), "model.safetensors"))
     out.append(StageInstance(
         name="reference_stats", rule="reference_stats", area="evaluation",
         cmd="dod reference-stats", deps=ref_deps, outs=[reference_dir()],
         markers=[marker(reference_dir(), "reference.npz")],
-        code=_code("metrics/stats", "metrics/detectors", "metrics/evaluate", "evaluation"),
+        code=source_files("evaluation"),
         params=_params(raw, ["eval.detector", "eval.inception_weights", "eval.reference_npz", "eval.max_reference"]),
     ))
     out.append(StageInstance(
         name="extract_latents", rule="extract_latents", area="data",
         cmd="dod extract-latents", deps=[data_marker], outs=[latents_dir()],
         markers=[marker(latents_dir(), "summary.json")],
-        code=_code("tokenizers", "latents"), params=_params(raw, ["tokenizer"]),
+        code=source_files("tokenizers", "latents"), params=_params(raw, ["tokenizer"]),
     ))
     lat_marker = marker(latents_dir(), "summary.json")
 
     for name, exp in params.experiments.items():
         x = f"experiments.{name}"
-        train_keys = ["model", "lem", "train"]
-        train_optional = [f"{x}.model", f"{x}.lem", f"{x}.train"]
+        train_keys = list(TRAINING_BLOCKS)
+        train_optional = [f"{x}.{block}" for block in TRAINING_BLOCKS]
         if not exp.weights_from:
             out.append(StageInstance(
                 name=f"train_stage1-{name}", rule="train_stage1", area="training",
                 cmd=f"dod train --experiment {name}", deps=[lat_marker], outs=[train_dir(name)],
-                markers=[weights_path(name)], code=_code(*TRAIN_CODE),
+                markers=[weights_path(name)], code=source_files(*TRAIN_CODE),
                 params=_params(raw, train_keys, train_optional),
                 wildcards={"exp": name}, plots=[f"{train_dir(name)}/train_log.csv"],
             ))
@@ -280,7 +254,7 @@ def stages(params: Params) -> list[StageInstance]:
             out.append(StageInstance(
                 name=f"pair_priors_stage{k}-{name}", rule=f"pair_priors_stage{k}", area="training",
                 cmd=f"dod pair-priors --experiment {name} --stage {k}", deps=pair_deps, outs=[pairs_dir(name, k)],
-                markers=[marker(pairs_dir(name, k))], code=_code(*SAMPLE_CODE),
+                markers=[marker(pairs_dir(name, k))], code=source_files(*SAMPLE_CODE),
                 params=_params(raw, ["sample.sampler", "sample.cfg", "sample.micro_batch", "sample.shard_size"],
                                ["sample.mixed_precision", "sample.compile"] + source_sampling + ft_keys),
                 wildcards={"exp": name},
@@ -289,7 +263,7 @@ def stages(params: Params) -> list[StageInstance]:
                 name=f"train_stage{k}-{name}", rule=f"train_stage{k}", area="training",
                 cmd=f"dod train --experiment {name} --stage {k}",
                 deps=[weights_path(name, k - 1), marker(pairs_dir(name, k)), lat_marker], outs=[train_dir(name, k)],
-                markers=[weights_path(name, k)], code=_code(*TRAIN_CODE),
+                markers=[weights_path(name, k)], code=source_files(*TRAIN_CODE),
                 params=_params(raw, train_keys, train_optional + ft_keys), wildcards={"exp": name},
                 plots=[f"{train_dir(name, k)}/train_log.csv"],
             ))
@@ -304,7 +278,7 @@ def stages(params: Params) -> list[StageInstance]:
             out.append(StageInstance(
                 name=f"sample_stage{k}-{name}", rule=f"sample_stage{k}", area="sampling",
                 cmd=f"dod sample --experiment {name} --stage {k}", deps=deps, outs=[stage_dir(name, k)],
-                markers=[marker(stage_dir(name, k))], code=_code(*SAMPLE_CODE),
+                markers=[marker(stage_dir(name, k))], code=source_files(*SAMPLE_CODE),
                 params=_params(raw, ["sample"], stage_keys), wildcards={"exp": name},
             ))
             out.append(StageInstance(
@@ -313,7 +287,7 @@ def stages(params: Params) -> list[StageInstance]:
                 deps=[marker(stage_dir(name, k)), marker(reference_dir(), "reference.npz")]
                 + ([marker(features_dir(), "model.safetensors")] if detector == "features" else []),
                 outs=[metrics_path(name, k)], markers=[metrics_path(name, k)],
-                code=_code("metrics/evaluate", "metrics/prdc", "metrics/inception_score", "evaluation"),
+                code=source_files("stage_metrics"),
                 params=_params(raw, ["eval.batch_size", "eval.pr_k"]), wildcards={"exp": name},
             ))
             if params.base.eval.export_npz:
@@ -322,7 +296,7 @@ def stages(params: Params) -> list[StageInstance]:
             out.append(StageInstance(
                 name=f"probe-{name}", rule="probe", area="evaluation", cmd=f"dod probe --experiment {name}",
                 deps=[weights_path(name), lat_marker], outs=[probe_path(name)], markers=[probe_path(name)],
-                code=_code("probe"), params={}, wildcards={"exp": name},
+                code=source_files("probe"), params={}, wildcards={"exp": name},
             ))
         # Snapshots are evaluated at stage 1, and at stage 2 when the model takes priors.
         snapshot_stages = [1, 2] if exp.lem.enabled and exp.stages.count >= 2 else [1]
@@ -333,7 +307,7 @@ def stages(params: Params) -> list[StageInstance]:
                 deps=[weights_path(name), marker(reference_dir(), "reference.npz")]
                 + ([marker(features_dir(), "model.safetensors")] if detector == "features" else []),
                 outs=[snapshots_path(name)], markers=[snapshots_path(name)],
-                code=_code("snapshots", *SAMPLE_CODE, "metrics/evaluate"),
+                code=source_files("snapshots"),
                 params=_params(raw, ["sample", "eval.batch_size", "eval.pr_k"], [
                     f"stages.overrides.{k}" for k in snapshot_stages] + [f"{x}.sample"] + [
                     f"{x}.stages.overrides.{k}" for k in snapshot_stages]),
@@ -350,7 +324,7 @@ def stages(params: Params) -> list[StageInstance]:
         outs=[f"{results}/{d}" for d in ("README.md", "tables", "figures", "plots", "metrics.json")]
         + [report_manifest_path(params)],
         markers=[report_manifest_path(params), f"{results}/README.md"] + [f"{results}/{f}" for f in report_figures(params)],
-        code=_code("report"), params=_params(raw, ["report", "experiments"]),
+        code=source_files("report"), params=_params(raw, ["report", "experiments"]),
         metrics=[f"{results}/metrics.json"], plots=[f"{results}/{metric_plot_file(n)}" for n in main_experiments(params)],
         cache=False,
     ))
@@ -380,7 +354,7 @@ def export_stage(exp: str, stage: int) -> StageInstance:
     return StageInstance(
         name=f"export_npz_stage{stage}-{exp}", rule=f"export_npz_stage{stage}", area="evaluation",
         cmd=f"dod export-npz --experiment {exp} --stage {stage}", deps=[marker(stage_dir(exp, stage))],
-        outs=[export_path(exp, stage)], markers=[export_path(exp, stage)], code=_code("export"), params={},
+        outs=[export_path(exp, stage)], markers=[export_path(exp, stage)], code=source_files("export"), params={},
         wildcards={"exp": exp},
     )
 

@@ -18,6 +18,16 @@ from .io import load_json
 from .latents import LatentSet
 
 
+def shard_file(what: str, j: int) -> str:
+    """File name of shard `j` of one array of a sample set (`latents`, `labels`, `seeds`, `images`, ...)."""
+    return f"{what}-{j:05d}.npy"
+
+
+def shard_record(j: int) -> str:
+    """File name of the record of unfinished shard `j` (in the sampling state directory)."""
+    return f"shard-{j:05d}.json"
+
+
 class PriorCache:
     """Read side of a stage's output: latents, labels and seeds in shards (+ decoded images)."""
 
@@ -31,11 +41,11 @@ class PriorCache:
         return self.meta["num_samples"]
 
     def load(self, what: str) -> np.ndarray:
-        return np.concatenate([np.load(self.dir / f"{what}-{j:05d}.npy") for j in range(self.meta["num_shards"])])
+        return np.concatenate([np.load(self.dir / shard_file(what, j)) for j in range(self.meta["num_shards"])])
 
     def image_batches(self):
         for j in range(self.meta["num_shards"]):
-            yield np.load(self.dir / f"images-{j:05d}.npy", mmap_mode="r")
+            yield np.load(self.dir / shard_file("images", j), mmap_mode="r")
 
 
 class RealPriors:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .io import save_json
 from .latents import LatentSet
-from .train import load_weights
+from .models.weights import load_weights
 
 log = logging.getLogger(__name__)
 

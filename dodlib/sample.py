@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .code_deps import SAMPLE_CODE, code_digest
 from .compute import allow_tf32, compile_network, in_precision, resolve_precision
 from .config import ExperimentConfig, fingerprint
 from .guidance import make_guided_velocity_fn
 from .io import file_digest, load_json, save_json, save_npy
-from .priors import PriorCache, RealPriors
+from .models.weights import load_weights
+from .priors import PriorCache, RealPriors, shard_file, shard_record
 from .progress import progress
 from .runtime import PROVENANCE_FILE, provenance
-from .pipeline import SAMPLE_CODE, code_digest
 from .samplers import SamplerSpec, run_sampler
-from .train import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +242,10 @@ def _run(exp, stage, weights, out_dir, state_root, inputs: Inputs, n: int, *, to
         for what, array in (extra_files or {}).items():
             shard[what] = [array[lo:hi]]
         for what, parts in shard.items():
-            save_npy(state_dir / f"{what}-{j:05d}.npy", np.concatenate(parts))
+            save_npy(state_dir / shard_file(what, j), np.concatenate(parts))
         # The sizes let a resume tell a damaged shard (a full disk, a bad copy) from a finished one.
-        sizes = {f"{what}-{j:05d}.npy": (state_dir / f"{what}-{j:05d}.npy").stat().st_size for what in shard}
-        save_json(state_dir / f"shard-{j:05d}.json", {"samples": hi - lo, "nfe": nfe, "bytes": sizes, **timing})
+        sizes = {shard_file(what, j): (state_dir / shard_file(what, j)).stat().st_size for what in shard}
+        save_json(state_dir / shard_record(j), {"samples": hi - lo, "nfe": nfe, "bytes": sizes, **timing})
         written += 1
         if stop_after_shards is not None and written >= stop_after_shards and j != mine[-1]:
             bar.close()
@@ -352,7 +352,7 @@ def _velocity_fn(model, labels, prior_emb, cfg, num_classes):
 def _copy_diagnostics(out_dir: Path, num_shards: int, prior_latents: np.ndarray, labels: np.ndarray):
     """Mean squared distance between a sample's stage-k and stage-(k-1) latents, against the same
     distance between two different samples of one class: the cheapest test of copying."""
-    latents = np.concatenate([np.load(out_dir / f"latents-{j:05d}.npy") for j in range(num_shards)])
+    latents = np.concatenate([np.load(out_dir / shard_file("latents", j)) for j in range(num_shards)])
     to_prior = float(((latents - prior_latents) ** 2).mean())
     rng = np.random.default_rng(0)
     pairs = []
@@ -369,7 +369,7 @@ def _copy_diagnostics(out_dir: Path, num_shards: int, prior_latents: np.ndarray,
 
 def _shard_done(state_dir: Path, j: int) -> bool:
     """Whether shard j is finished and intact; a damaged one is reported by name and redone."""
-    record = state_dir / f"shard-{j:05d}.json"
+    record = state_dir / shard_record(j)
     if not record.exists():
         return False
     try:
@@ -391,14 +391,14 @@ def _publish(state_dir: Path, out_dir: Path, num_shards: int, files) -> None:
     """Fill the declared output directory from the finished shards (hard links where possible)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # an old marker must not outlive the old shards
-    wanted = {f"{what}-{j:05d}.npy" for j in range(num_shards) for what in files}
+    wanted = {shard_file(what, j) for j in range(num_shards) for what in files}
     for old in out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].npy"):
         if old.name not in wanted:  # e.g. after lowering sample.num_samples: DVC would cache them
             log.info("%s: removing stale shard %s", out_dir, old.name)
             old.unlink()
     for j in range(num_shards):
         for what in files:
-            name = f"{what}-{j:05d}.npy"
+            name = shard_file(what, j)
             target = out_dir / name
             if target.exists():
                 target.unlink()

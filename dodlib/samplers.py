@@ -32,15 +32,33 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .transport import sde_diffusion, sde_drift
+from . import choices
+from .choices import check_registry
+from .transport import expand_t
 
-__all__ = ["SAMPLERS", "SamplerSpec", "euler", "heun", "euler_maruyama", "run_sampler", "time_grid"]
+__all__ = ["SAMPLERS", "Sampler", "SamplerSpec", "sde_diffusion", "sde_drift", "euler", "heun", "euler_maruyama", "run_sampler", "time_grid"]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[int], Tensor]
 
-SAMPLERS = ("euler", "heun", "euler_maruyama")
 LAST_STEPS = ("mean", "euler", None)
+
+
+# The SDE of the linear interpolant (SiT's "sigma" form), which euler_maruyama integrates.
+
+
+def sde_diffusion(t: Tensor | float, diffusion_scale: float = 1.0) -> Tensor | float:
+    """SiT's "sigma" diffusion form w(t) = diffusion_scale * (1 - t); the noise std per unit time is sqrt(2 w)."""
+    return diffusion_scale * (1 - t)
+
+
+def sde_drift(v: Tensor, x: Tensor, t: Tensor | float, diffusion_scale: float = 1.0) -> Tensor:
+    """Drift v + w(t) * score with w(t) = diffusion_scale * (1 - t), simplified to v + scale * (t v - x).
+
+    The simplified form is exact and finite at t = 1, unlike going through velocity_to_score.
+    """
+    tb = expand_t(t, x)
+    return v + diffusion_scale * (tb * v - x)
 
 
 def time_grid(num_steps: int, t_end: float = 1.0, t_start: float = 0.0) -> list[float]:
@@ -135,7 +153,7 @@ class SamplerSpec:
 
     def validate(self) -> None:
         if self.method not in SAMPLERS:
-            raise ValueError(f"method: unknown sampler {self.method!r} (expected one of {SAMPLERS})")
+            raise ValueError(f"method: unknown sampler {self.method!r} (expected one of {tuple(SAMPLERS)})")
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps: must be an integer >= 1, got {self.num_steps!r}")
         if self.method == "euler_maruyama":
@@ -149,31 +167,41 @@ class SamplerSpec:
     @property
     def nfe(self) -> int:
         """Network evaluations one run of this sampler uses (known before running)."""
-        if self.method == "heun":
-            return 2 * self.num_steps
-        if self.method == "euler_maruyama" and self.last_step is not None:
-            return self.num_steps + 1
-        return self.num_steps
+        return SAMPLERS[self.method].nfe(self)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One entry of the registry: how to run a spec, and its NFE (known before running)."""
+
+    run: Callable[[SamplerSpec, VelocityFn, Tensor, NoiseFn | None, float], tuple[Tensor, int]]
+    nfe: Callable[[SamplerSpec], int]
+
+
+def _run_euler_maruyama(spec: SamplerSpec, velocity_fn: VelocityFn, x0: Tensor, noise_fn: NoiseFn | None,
+                        t_start: float) -> tuple[Tensor, int]:
+    if noise_fn is None:
+        raise ValueError("noise_fn: required for method 'euler_maruyama' (derive it from per-sample seeds)")
+    return euler_maruyama(velocity_fn, x0, spec.num_steps, noise_fn, diffusion_scale=spec.diffusion_scale,
+                          last_step=spec.last_step, last_step_size=spec.last_step_size, t_start=t_start)
+
+
+# The samplers by name (config validation, `SamplerSpec.nfe` and `run_sampler` all read this table):
+# adding a sampler is one function, one entry here and its name in dodlib/choices.py.
+SAMPLERS: dict[str, Sampler] = {
+    "euler": Sampler(run=lambda spec, v, x0, noise_fn, t_start: euler(v, x0, spec.num_steps, t_start),
+                     nfe=lambda spec: spec.num_steps),
+    "heun": Sampler(run=lambda spec, v, x0, noise_fn, t_start: heun(v, x0, spec.num_steps, t_start),
+                    nfe=lambda spec: 2 * spec.num_steps),
+    "euler_maruyama": Sampler(run=_run_euler_maruyama,
+                              nfe=lambda spec: spec.num_steps + (0 if spec.last_step is None else 1)),
+}
+check_registry("samplers", choices.SAMPLERS, SAMPLERS)
 
 
 def run_sampler(
     spec: SamplerSpec, velocity_fn: VelocityFn, x0: Tensor, noise_fn: NoiseFn | None = None, t_start: float = 0.0
 ) -> tuple[Tensor, int]:
-    """Dispatch on spec.method; returns (x at t = 1, NFE used). x0 is the state at t_start."""
+    """Run `spec` from x0, the state at t_start; returns (x at t = 1, NFE used)."""
     spec.validate()  # cheap; rejects specs mutated after construction (object.__setattr__)
-    if spec.method == "euler":
-        return euler(velocity_fn, x0, spec.num_steps, t_start)
-    if spec.method == "heun":
-        return heun(velocity_fn, x0, spec.num_steps, t_start)
-    if noise_fn is None:
-        raise ValueError("noise_fn: required for method 'euler_maruyama' (derive it from per-sample seeds)")
-    return euler_maruyama(
-        velocity_fn,
-        x0,
-        spec.num_steps,
-        noise_fn,
-        diffusion_scale=spec.diffusion_scale,
-        last_step=spec.last_step,
-        last_step_size=spec.last_step_size,
-        t_start=t_start,
-    )
+    return SAMPLERS[spec.method].run(spec, velocity_fn, x0, noise_fn, t_start)

@@ -16,8 +16,9 @@ from .config import ExperimentConfig
 from .evaluation import build_detector, REFERENCE_FILE
 from .io import save_json
 from .metrics.evaluate import evaluate_images, load_reference
-from .sample import PriorCache, sample_stage
-from .train import load_weights
+from .models.weights import load_weights
+from .priors import PriorCache
+from .sample import sample_stage
 
 log = logging.getLogger(__name__)
 

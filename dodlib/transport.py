@@ -1,4 +1,4 @@
-"""Linear-interpolant transport: the path, the training objective, and the SDE terms.
+"""Linear-interpolant transport: the path, the training objective, and the conversions of v.
 
 Conventions (as SiT): t = 0 is noise, t = 1 is data,
 
@@ -26,6 +26,10 @@ the score's 1/(1 - t) cancels, so the drift is finite everywhere on [0, 1]:
 
     drift(x, t) = v + diffusion_scale * (t * v - x).
 
+`sde_drift` and `sde_diffusion` live with the sampler that integrates them (dodlib/samplers.py), so
+that an edit of the SDE reruns sampling but not training (the stages' code dependencies follow
+imports: dodlib/code_deps.py).
+
 The training objective, samplers and guidance are kept orthogonal: samplers only see a
 velocity function, the loss only sees a model function.
 """
@@ -37,6 +41,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .choices import T_SAMPLINGS
+
 __all__ = [
     "expand_t",
     "interpolate",
@@ -46,11 +52,9 @@ __all__ = [
     "velocity_to_x0",
     "velocity_to_score",
     "score_to_velocity",
-    "sde_diffusion",
-    "sde_drift",
 ]
 
-T_KINDS = ("uniform", "logit_normal")
+T_KINDS = T_SAMPLINGS  # dodlib/choices.py
 
 
 def expand_t(t: Tensor | float, x: Tensor) -> Tensor:
@@ -163,17 +167,3 @@ def score_to_velocity(score: Tensor, x: Tensor, t: Tensor | float) -> Tensor:
     """Inverse of velocity_to_score: v = (x + (1 - t) score) / t; singular at t = 0."""
     tb = expand_t(t, x)
     return (x + (1 - tb) * score) / tb
-
-
-def sde_diffusion(t: Tensor | float, diffusion_scale: float = 1.0) -> Tensor | float:
-    """SiT's "sigma" diffusion form w(t) = diffusion_scale * (1 - t); the noise std per unit time is sqrt(2 w)."""
-    return diffusion_scale * (1 - t)
-
-
-def sde_drift(v: Tensor, x: Tensor, t: Tensor | float, diffusion_scale: float = 1.0) -> Tensor:
-    """Drift v + w(t) * score with w(t) = diffusion_scale * (1 - t), simplified to v + scale * (t v - x).
-
-    The simplified form is exact and finite at t = 1, unlike going through velocity_to_score.
-    """
-    tb = expand_t(t, x)
-    return v + diffusion_scale * (tb * v - x)

@@ -17,7 +17,8 @@ from dodlib.config import ConfigError, deep_merge, parse_params
 from dodlib.io import load_json
 from dodlib.samplers import SamplerSpec
 from dodlib.tokenizers import PixelTokenizer
-from dodlib.train import build_model, model_spec, train
+from dodlib.models.weights import build_model, model_spec
+from dodlib.train import train
 from tests.conftest import TINY_OVERRIDES, repo_params_raw
 
 

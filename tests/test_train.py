@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dodlib.train import Preempted, list_checkpoints, load_weights, train
+from dodlib.models.weights import load_weights
+from dodlib.train import Preempted, list_checkpoints, train
 from dodlib.train_step import batch_indices
 
 
@@ -83,13 +84,13 @@ def edited_package(tmp_path, monkeypatch, module: str):
     """A copy of dodlib with one source file edited, as the package the pipeline hashes."""
     import shutil
 
-    from dodlib import pipeline as P
+    from dodlib import code_deps
 
     copy = tmp_path / "src" / "dodlib"
-    shutil.copytree(P.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(code_deps.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     with open(copy / module, "a") as f:
         f.write("\n# edited\n")
-    monkeypatch.setattr(P, "PACKAGE", copy)
+    monkeypatch.setattr(code_deps, "PACKAGE", copy)
 
 
 def test_edited_training_code_does_not_resume_stale_state(tiny_raw, prepared, tmp_path, monkeypatch):

@@ -9,13 +9,12 @@ from dodlib.transport import (
     interpolate,
     sample_t,
     score_to_velocity,
-    sde_diffusion,
-    sde_drift,
     velocity_loss,
     velocity_to_score,
     velocity_to_x0,
     velocity_to_x1,
 )
+from dodlib.samplers import sde_diffusion, sde_drift  # the SDE lives with its sampler
 
 F64 = torch.float64
 

@@ -1,4 +1,4 @@
-"""Sample-quality metrics (DESIGN §5): one detector interface, two detectors.
+"""Sample-quality metrics (docs/method.md section 7): one detector interface, two detectors.
 
 - Inception (clean-fid legacy_tensorflow, local weights) → FID, IS, precision/recall.
 - Data-set feature net → FD_<dataset>, IS-like score, precision/recall, class accuracy.

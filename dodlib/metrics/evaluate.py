@@ -20,6 +20,7 @@ from ..progress import progress as _reporter
 
 from .detectors import Detector
 from .inception_score import InceptionScoreAccumulator
+from .measures import measure_keys
 from .prdc import precision_recall
 from .stats import StreamingMoments, atomic_savez, frechet_distance
 
@@ -286,6 +287,9 @@ def evaluate_images(
         log.warning("only %d samples: precision/recall need more than k=%d; skipped", n, k)
     if label_src is not None:
         out["class_accuracy"] = correct / n
+    undeclared = set(out) - {"detector", "num_samples", detector.metric_prefix, *measure_keys("detector")}
+    if undeclared:  # the report would silently drop them: declare them in dodlib/metrics/measures.py
+        raise RuntimeError(f"evaluate_images: measures {sorted(undeclared)} are not in metrics/measures.py")
     out["reference_count"] = int(reference.get("count", -1))
     out["num_ref_features"] = 0 if ref_feats is None else int(len(ref_feats))
     return out

@@ -1,14 +1,14 @@
 """Models: the SiT backbone, the Latent Embedding Module and the combined DoD model."""
 
+from ..choices import INJECTIONS, LEM_KINDS
 from .dod import (
-    INJECTIONS,
     LEM_DEFAULTS,
     DoDModel,
     extract_state_dict,
     load_checkpoint_file,
     normalize_lem_config,
 )
-from .lem import LEM_KINDS, LatentEmbeddingModule
+from .lem import LatentEmbeddingModule
 from .sit import SiT, sincos_pos_embed_2d
 from .sizes import SIZES, ModelSize, get_size
 

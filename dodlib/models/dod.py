@@ -19,11 +19,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .lem import LEM_KINDS, LatentEmbeddingModule
+from ..choices import INJECTIONS, LEM_KINDS, check_registry
+from .lem import LatentEmbeddingModule
 from .sit import SiT
 from .sizes import get_size
 
-INJECTIONS = ("add_tokens", "add_condition", "concat_tokens")
 
 # Keys a `lem` config block may contain.  Missing keys take these defaults; `None` means "same as
 # the backbone" (width, heads).
@@ -83,6 +83,51 @@ def normalize_lem_config(
     if grid_size % cfg["token_pool"]:
         raise ValueError(f"lem.token_pool: {cfg['token_pool']} does not divide the token grid size {grid_size}")
     return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Injections: where the prior enters the backbone, one function per `lem.injection`
+# --------------------------------------------------------------------------------------------
+# Each takes the model, the noisy tokens [B, T, D], the condition c [B, D], the prior tokens
+# [B, T, D] (None: no prior in the batch) and which rows keep their prior (None: all), and
+# returns the velocity.
+
+
+def _add_tokens(model, tokens, c, prior_emb, keep):
+    # Dropped rows: add nothing (the "learned null" of the additive injections is zero).
+    prior = prior_emb.to(tokens.dtype)
+    if keep is not None:
+        prior = prior * keep[:, None, None].to(prior.dtype)
+    return model.head(model.run_blocks(tokens + prior, c), c)
+
+
+def _add_condition(model, tokens, c, prior_emb, keep):
+    pooled = prior_emb.to(c.dtype).mean(dim=1)
+    if keep is not None:
+        pooled = pooled * keep[:, None].to(pooled.dtype)
+    c = c + pooled
+    return model.head(model.run_blocks(tokens, c), c)
+
+
+def _concat_tokens(model, tokens, c, prior_emb, keep):
+    # The sequence always has 2T tokens (so a batch can mix kept and dropped rows); rows without a
+    # prior see the learned null token set. Prior tokens get the backbone's position embedding so
+    # attention can match them to the noisy tokens at the same place.
+    b, n, d = tokens.shape
+    null = model.lem.null_tokens.to(tokens.dtype).expand(b, n, d)
+    if prior_emb is None:
+        prior = null
+    else:
+        prior = prior_emb.to(tokens.dtype)
+        if keep is not None:
+            prior = torch.where(keep[:, None, None], prior, null)
+    prior = prior + model.pos_embed.to(tokens.dtype)
+    h = model.run_blocks(torch.cat([tokens, prior], dim=1), c)
+    return model.head(h[:, :n], c)
+
+
+INJECT = {"add_tokens": _add_tokens, "add_condition": _add_condition, "concat_tokens": _concat_tokens}
+check_registry("lem.injection", INJECTIONS, INJECT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,13 +244,7 @@ class DoDModel(SiT):
                 in_channels=in_channels,
                 patch_size=patch_size,
                 out_dim=s.width,
-                kind=lem_cfg["kind"],
-                width=lem_cfg["width"],
-                depth_enc=lem_cfg["depth_enc"],
-                depth_dec=lem_cfg["depth_dec"],
-                heads=lem_cfg["heads"],
-                bottleneck_dim=lem_cfg["bottleneck_dim"],
-                token_pool=lem_cfg["token_pool"],
+                **{k: v for k, v in lem_cfg.items() if k != "injection"},  # the LEM's own arguments
                 mlp_ratio=s.mlp_ratio,
                 null_tokens=lem_cfg["injection"] == "concat_tokens",
             )
@@ -260,33 +299,7 @@ class DoDModel(SiT):
         if prior_keep is not None:
             keep = prior_keep.to(device=tokens.device, dtype=torch.bool).reshape(b)
 
-        if self.injection == "add_tokens":
-            # Dropped rows: add nothing (the "learned null" of the additive injections is zero).
-            prior = prior_emb.to(tokens.dtype)
-            if keep is not None:
-                prior = prior * keep[:, None, None].to(prior.dtype)
-            return self.head(self.run_blocks(tokens + prior, c), c)
-
-        if self.injection == "add_condition":
-            pooled = prior_emb.to(c.dtype).mean(dim=1)
-            if keep is not None:
-                pooled = pooled * keep[:, None].to(pooled.dtype)
-            c = c + pooled
-            return self.head(self.run_blocks(tokens, c), c)
-
-        # concat_tokens: the sequence always has 2T tokens (so a batch can mix kept and dropped rows);
-        # rows without a prior see the learned null token set.  Prior tokens get the backbone's
-        # position embedding so attention can match them to the noisy tokens at the same place.
-        null = self.lem.null_tokens.to(tokens.dtype).expand(b, n, d)
-        if prior_emb is None:
-            prior = null
-        else:
-            prior = prior_emb.to(tokens.dtype)
-            if keep is not None:
-                prior = torch.where(keep[:, None, None], prior, null)
-        prior = prior + self.pos_embed.to(tokens.dtype)
-        h = self.run_blocks(torch.cat([tokens, prior], dim=1), c)
-        return self.head(h[:, :n], c)
+        return INJECT[self.injection](self, tokens, c, prior_emb, keep)
 
     # ---- checkpoints ----------------------------------------------------------------------
 

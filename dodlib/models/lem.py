@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..choices import LEM_KINDS
 from .sit import Attention, Mlp, sincos_pos_embed_2d
 
-LEM_KINDS = ("lem", "direct")
 
 
 class ViTBlock(nn.Module):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..choices import MODEL_SIZES, check_registry
+
 
 @dataclass(frozen=True)
 class ModelSize:
@@ -26,6 +28,7 @@ SIZES: dict[str, ModelSize] = {
     "tiny": ModelSize(depth=4, width=128, heads=4),
     "small": ModelSize(depth=6, width=256, heads=4),
 }
+check_registry("model.size", MODEL_SIZES, SIZES)
 
 
 def get_size(name: str, *, key: str = "size") -> ModelSize:

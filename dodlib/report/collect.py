@@ -18,6 +18,7 @@ import pandas as pd
 from .. import pipeline as P
 from ..config import ExperimentConfig, Params
 from ..io import load_json
+from ..metrics.measures import measure_keys
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,7 @@ ID_KEYS = ("experiment", "stage", "detector", "metric_name")
 # Records beside the numbers (read by report/provenance.py, not tabulated).
 RECORD_KEYS = ("provenance",)
 # Numeric keys every table knows how to show (others are kept in the frame but not tabulated).
-MEASURED_KEYS = (
-    "IS", "IS_std", "precision", "recall", "class_accuracy",
-    "msd_to_prior", "msd_within_class",
-)
+MEASURED_KEYS = measure_keys()
 COST_KEYS = ("params", "lem_params", "train_images", "nfe", "cfg_scale", "sampling_gflops_per_image", "num_samples")
 
 

@@ -221,7 +221,7 @@ def _cfg_finding(rows: pd.DataFrame) -> Finding:
 
 
 def _bottleneck_finding(rows: pd.DataFrame) -> Finding:
-    """DESIGN.md section 8: the bottleneck decides whether stage 2 copies its prior."""
+    """docs/method.md section 8: the bottleneck decides whether stage 2 copies its prior."""
     claim = "A wider LEM bottleneck makes stage 2 copy its prior more (DESIGN.md section 8)"
     stage2 = rows[rows["stage"] == 2].dropna(subset=["bottleneck_dim", "msd_to_prior", "msd_within_class"])
     if stage2["bottleneck_dim"].nunique() < 2:
@@ -237,7 +237,7 @@ def _bottleneck_finding(rows: pd.DataFrame) -> Finding:
 
 
 def _finetune_finding(rows: pd.DataFrame) -> Finding:
-    """DESIGN.md section 2's option: stages k >= 2 fine-tuned on paired priors vs one shared network."""
+    """docs/method.md section 3's option: stages k >= 2 fine-tuned on paired priors vs one shared network."""
     final = _final_stage(rows)
     tuned, shared = final[final["finetuned_stages"] > 0], final[final["finetuned_stages"] == 0]
     if tuned.empty or shared.empty:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..config import EXPERIMENT_BLOCKS
 from ..io import atomic_path, save_json
+from ..metrics.measures import MEASURES
 from .collect import ReportData, groups
 
 MISSING = "–"
@@ -132,12 +133,13 @@ def latex_escape(text: str) -> str:
 
 # ---- the report's tables -----------------------------------------------------------------------
 
-METRIC_COLUMNS = [  # (key, header, format) after the Fréchet column(s)
-    ("IS", "IS ↑", _fixed(2)),
-    ("precision", "Prec. ↑", _fixed(3)),
-    ("recall", "Rec. ↑", _fixed(3)),
-    ("class_accuracy", "Class acc. ↑", _fixed(3)),
-]
+def _measure_columns(group: str) -> list[tuple]:
+    """(key, header, format) of the tabulated measures of `group` (dodlib/metrics/measures.py)."""
+    return [(m.key, m.header, _general if m.digits is None else _fixed(m.digits))
+            for m in MEASURES if m.header and m.group == group]
+
+
+METRIC_COLUMNS = _measure_columns("quality")  # after the Fréchet column(s)
 COST_COLUMNS = [
     ("params", "Params", _millions),
     ("train_images", "Train images", _integer),
@@ -145,11 +147,8 @@ COST_COLUMNS = [
     ("cfg_scale", "CFG", _plain),
     ("sampling_gflops_per_image", "GFLOPs/img", _general),
 ]
-COPY_COLUMNS = [  # DESIGN.md section 8: stage k's distance to its prior vs between two samples of a class
-    ("msd_to_prior", "MSD to prior", _general),
-    ("msd_within_class", "MSD within class", _general),
-]
-SEED_MEASURED = ["IS", "precision", "recall", "class_accuracy", "msd_to_prior", "msd_within_class"]
+COPY_COLUMNS = _measure_columns("copying")  # stage k's distance to its prior vs between two samples of a class
+SEED_MEASURED = [key for key, _, _ in METRIC_COLUMNS + COPY_COLUMNS]
 
 
 def _fd_columns(metric_names: list[str]) -> list[tuple]:
