@@ -60,15 +60,14 @@ def _parsed_imports(package: Path, path: Path, stamp: tuple[int, int]) -> frozen
             targets += [a.name.removeprefix("dodlib.") for a in node.names
                         if a.name == "dodlib" or a.name.startswith("dodlib.")]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
+            if node.level:  # relative: `level - 1` packages up from the current one
                 parts = current.split(".") if current else []
-                base = ".".join(parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts)
-            elif node.module and (node.module == "dodlib" or node.module.startswith("dodlib.")):
-                base = ""
+                base, rest = ".".join(parts[: len(parts) - node.level + 1]), node.module or ""
+            elif node.module == "dodlib" or (node.module or "").startswith("dodlib."):
+                base, rest = "", node.module.removeprefix("dodlib").lstrip(".")
             else:
                 continue
-            module = ".".join(p for p in (base, (node.module or "").removeprefix("dodlib").lstrip(".")
-                                          if not node.level else node.module or "") if p)
+            module = ".".join(p for p in (base, rest) if p)
             targets.append(module)
             targets += [f"{module}.{a.name}" if module else a.name for a in node.names]
     found = set()

@@ -24,9 +24,8 @@ from torch import Tensor
 
 from .choices import CFG_CHANNELS, CFG_SCHEDULES
 
-__all__ = ["SCHEDULES", "CHANNELS", "guidance_scale", "guided_velocity", "make_guided_velocity_fn"]
+__all__ = ["guidance_scale", "guided_velocity", "make_guided_velocity_fn"]
 
-SCHEDULES, CHANNELS = CFG_SCHEDULES, CFG_CHANNELS  # dodlib/choices.py
 
 
 def guidance_scale(
@@ -55,7 +54,7 @@ def guidance_scale(
         else:
             ramp = (1 - math.cos(math.pi * min(max(t, 0.0), 1.0) ** power)) / 2
         return 1 + (scale - 1) * ramp
-    raise ValueError(f"schedule: unknown {schedule!r} (expected one of {SCHEDULES})")
+    raise ValueError(f"schedule: unknown {schedule!r} (expected one of {CFG_SCHEDULES})")
 
 
 def _is_one(scale: Tensor | float) -> bool:
@@ -101,8 +100,8 @@ def guided_velocity(
     guides channels 0..2 only, so channels >= 3 keep the conditional prediction.
     If scale == 1 everywhere, returns model_fn(x, t, **cond_kwargs) without the uncond branch.
     """
-    if channels not in CHANNELS:
-        raise ValueError(f"channels: unknown {channels!r} (expected one of {CHANNELS})")
+    if channels not in CFG_CHANNELS:
+        raise ValueError(f"channels: unknown {channels!r} (expected one of {CFG_CHANNELS})")
     b = x.shape[0]
     t = torch.as_tensor(t, device=x.device)
     if not t.is_floating_point():
@@ -137,8 +136,8 @@ def make_guided_velocity_fn(
     The scale is evaluated per sample from t [B]; where the schedule gives 1 for every sample
     (e.g. outside a guidance interval) the unconditional branch is skipped.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule: unknown {schedule!r} (expected one of {SCHEDULES})")
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"schedule: unknown {schedule!r} (expected one of {CFG_SCHEDULES})")
 
     def velocity_fn(x: Tensor, t: Tensor) -> Tensor:
         s = guidance_scale(t.float(), scale, schedule, interval, power)  # float32: bf16 t is coarse

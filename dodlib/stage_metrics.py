@@ -15,6 +15,7 @@ from .evaluation import REFERENCE_FILE, build_detector
 from .io import load_json, save_json
 from .metrics.evaluate import evaluate_images, load_reference
 from .metrics.measures import measure_keys
+from .priors import PriorCache
 from .runtime import PROVENANCE_FILE, provenance
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,6 @@ def evaluate_stage(exp: ExperimentConfig, stage: int, samples_dir, reference_dir
                    out_path, *, train_images: int, device="cpu") -> dict:
     """Metrics of one stage's samples: metrics JSON with the sample count and the detector named.
     `train_images`: images behind the network that sampled it (fine-tuning included)."""
-    from .priors import PriorCache
-
     samples = PriorCache(samples_dir)
     detector = build_detector(exp, features_dir, device)
     reference = load_reference(Path(reference_dir) / REFERENCE_FILE, detector)

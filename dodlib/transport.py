@@ -54,7 +54,6 @@ __all__ = [
     "score_to_velocity",
 ]
 
-T_KINDS = T_SAMPLINGS  # dodlib/choices.py
 
 
 def expand_t(t: Tensor | float, x: Tensor) -> Tensor:
@@ -96,8 +95,8 @@ def sample_t(
     (0, 1) makes any such use finite at the cost of a negligible 2*eps probability mass.
     eps = 0 disables the clamp. With the default float32, 1 - 1e-5 is still < 1.
     """
-    if kind not in T_KINDS:
-        raise ValueError(f"t_kind: unknown {kind!r} (expected one of {T_KINDS})")
+    if kind not in T_SAMPLINGS:
+        raise ValueError(f"t_kind: unknown {kind!r} (expected one of {T_SAMPLINGS})")
     if not 0 <= eps < 0.5:
         raise ValueError(f"eps: must be in [0, 0.5), got {eps}")
     if generator is not None and device is None:
